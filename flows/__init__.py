@@ -1,0 +1,1 @@
+"""Prefect flows: one per stage (runnable alone) and one for the whole DAG. Wiring only."""

