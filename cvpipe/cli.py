@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -63,11 +64,12 @@ def _check(params: Path, overrides: dict[str, Any]) -> None:
         raise typer.Exit(2) from None
 
 
-def _run(flow_fn, params: Path, overrides: dict[str, Any], **kwargs) -> Any:
+def _run(flow_fn, params: Path, **kwargs) -> Any:
+    """Call a flow; errors with a clear remedy are printed as one message, not a traceback."""
     from cvpipe.errors import user_facing
 
     try:
-        return flow_fn(params_file=str(params), overrides=overrides or None, **kwargs)
+        return flow_fn(params_file=str(params), **kwargs)
     except Exception as err:
         msg = user_facing(err)
         if msg is None:
@@ -89,7 +91,7 @@ def download(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     _check(params, ov)
     from flows.download import download_flow
 
-    facts = _run(download_flow, params, ov)
+    facts = _run(download_flow, params, overrides=ov or None)
     typer.echo(f"download: {facts}")
 
 
@@ -100,8 +102,146 @@ def preprocess(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> 
     _check(params, ov)
     from flows.preprocess import preprocess_flow
 
-    card = _run(preprocess_flow, params, ov)
+    card = _run(preprocess_flow, params, overrides=ov or None)
     typer.echo(f"preprocess: {card['dataset']}: {card['counts']} ({len(card['classes'])} classes)")
+
+
+@app.command()
+def train(
+    mode: Annotated[str, typer.Option(help="Training mode: feature_extractor or fine_tune.")] = "feature_extractor",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train the classifier in one mode: a frozen feature extractor with a new head, or fine-tuned."""
+    from cvpipe import MODES
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--mode")
+    ov = _overrides(set_)
+    _check(params, ov)
+    from flows.train import train_flow
+
+    metrics = _run(train_flow, params, overrides=ov or None, mode=mode)
+    typer.echo(f"train[{mode}]: {_short(metrics)}")
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Test accuracy, per-class accuracy, confusion matrices and accuracy curves of the trained models."""
+    ov = _overrides(set_)
+    _check(params, ov)
+    from flows.evaluate import evaluate_flow
+
+    metrics = _run(evaluate_flow, params, overrides=ov or None)
+    typer.echo(f"evaluate: {_short(metrics)}")
+
+
+@app.command()
+def detect(
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="A folder, a glob or a .txt list of image paths (default: detect.input).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Batch object detection with YOLOv3 (OpenCV DNN): JSONL, COCO JSON, CSV and annotated images."""
+    ov = _overrides(set_)
+    _check(params, ov)
+    from flows.detect import detect_flow
+
+    summary = _run(detect_flow, params, overrides=ov or None, input=input)
+    typer.echo(f"detect: {_short(summary)}")
+
+
+@app.command()
+def run(
+    profile: Annotated[Optional[str], typer.Option(help="Apply profiles/<name>.yaml to params.yaml first (e.g. offline).")] = None,
+    force: Annotated[bool, typer.Option(help="Run every stage, even those DVC reports up to date.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole DAG; stages DVC reports up to date are skipped, dvc.lock is updated after each stage.
+
+    --profile and --set write their values into params.yaml (as `dvc exp run -S` does), so that
+    `dvc repro` afterwards sees the parameters that ran.
+    """
+    from cvpipe.params import ParamsError, write_overrides
+
+    ov = {}
+    if profile:
+        ov.update(_profile(profile))
+    ov.update(_overrides(set_))
+    if ov:
+        try:
+            write_overrides(params, ov)
+        except ParamsError as err:
+            typer.secho(str(err), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"params: wrote {', '.join(f'{k}={v}' for k, v in ov.items())} into {params}")
+    _check(params, {})
+    from flows.pipeline import pipeline_flow
+
+    t0 = time.perf_counter()
+    rows = _run(pipeline_flow, params, force=force)
+    total = time.perf_counter() - t0
+    typer.echo("")
+    for r in rows:
+        typer.echo(f"  {r['stage']:<26} {r['status']:<8} {r['seconds']:>7.1f} s")
+    typer.echo(f"  {'total (with start-up)':<26} {'':<8} {total:>7.1f} s")
+    _where_to_look(params)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help='Cron schedule, e.g. "0 2 * * *" (02:00 every night).')] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    timezone: Annotated[Optional[str], typer.Option(help="IANA time zone of the schedule (default UTC).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve the whole pipeline on a cron schedule (Prefect `serve`); runs until interrupted.
+
+    Point PREFECT_API_URL at a running `prefect server start` to see the runs in Prefect's UI.
+    """
+    _check(params, {})
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline import pipeline_deployment
+
+    try:
+        deployment = pipeline_deployment(name, cron, str(params), timezone)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--cron") from None
+    typer.echo(f"serving pipeline/{name} on cron {cron!r}; Ctrl-C to stop")
+    prefect_serve(deployment)
+
+
+def _profile(name: str) -> dict[str, Any]:
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "profiles" / f"{name}.yaml"
+    local = Path("profiles") / f"{name}.yaml"
+    path = local if local.is_file() else path
+    if not path.is_file():
+        raise typer.BadParameter(f"no profile {name!r} ({local} not found)", param_hint="--profile")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _where_to_look(params: Path) -> None:
+    from cvpipe.params import load_params
+    from cvpipe.tracking import tracking_uri
+
+    p = load_params(params)
+    typer.echo("\nWhere to look:")
+    typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri(p)} --host 127.0.0.1")
+    typer.echo(f"  metrics:         dvc metrics show   (files under {p.paths.evaluate}/ and {p.paths.detect}/)")
+    typer.echo(f"  curves:          dvc plots show     ({p.paths.evaluate}/accuracy.png)")
+    typer.echo(f"  detections:      {p.paths.detect}/images/ and {p.paths.detect}/detections.jsonl")
+    typer.echo("  compare runs:    cvpipe compare")
+
+
+def _short(d: Any) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    items = [(k, v) for k, v in d.items() if isinstance(v, (int, float, str))][:8]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
 
 if __name__ == "__main__":  # pragma: no cover

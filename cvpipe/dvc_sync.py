@@ -1,0 +1,69 @@
+"""Keep Prefect-run stages and DVC in agreement about what is stale.
+
+Before a stage runs, DVC is asked whether it is up to date (the same check as
+`dvc status`); after it ran, its outputs are committed to dvc.lock (as
+`dvc commit` does), so `cvpipe run` followed by `dvc repro` is a no-op and the
+other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# DVC's own repo lock is per process-file; threads of one pipeline run take turns here first.
+_LOCK = threading.Lock()
+
+
+class DvcLockBusy(RuntimeError):
+    """Another DVC process (a `dvc repro`, another pipeline run) holds the repository lock."""
+
+
+class DvcSync:
+    """Stage staleness and lock-file updates for the DVC project at ``root`` (or nothing, outside one)."""
+
+    def __init__(self, root: str | Path = "."):
+        self.root = Path(root).resolve()
+        self.enabled = (self.root / "dvc.yaml").is_file() and (self.root / ".dvc").is_dir()
+
+    def _repo(self):
+        from dvc.repo import Repo
+
+        return Repo(str(self.root))
+
+    def _guard(self, fn):
+        from dvc.exceptions import LockError
+
+        with _LOCK:
+            try:
+                return fn()
+            except LockError as err:
+                raise DvcLockBusy(
+                    f"the DVC repository {self.root} is locked by another process ({err}); "
+                    "wait for the other `dvc repro` / `cvpipe run` to finish, then run again"
+                ) from None
+
+    def stale(self, stage: str) -> dict:
+        """DVC's status for one stage: {} when up to date, else what changed. Always stale outside DVC."""
+        if not self.enabled:
+            return {stage: ["not a DVC project"]}
+
+        def check():
+            with self._repo() as repo:
+                return repo.status(targets=[stage])
+
+        return self._guard(check)
+
+    def commit(self, stage: str) -> None:
+        """Record the stage's current deps, params and outs in dvc.lock and the DVC cache."""
+        if not self.enabled:
+            return
+
+        def commit():
+            with self._repo() as repo:
+                repo.commit(stage, force=True)
+
+        self._guard(commit)

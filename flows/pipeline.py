@@ -1,0 +1,148 @@
+"""The whole DAG as one Prefect flow, in agreement with DVC about what is stale.
+
+    download -> preprocess -> train@feature_extractor ─┐
+                           -> train@fine_tune ─────────┴-> evaluate
+    download -> detect
+
+Independent branches run concurrently (detect beside training; the two training
+modes side by side on a GPU, one after the other on a CPU, where they would only
+fight over the same cores). A stage that DVC reports up to date is skipped;
+after a stage runs, dvc.lock is updated.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from cvpipe.dvc_sync import DvcSync
+from cvpipe.params import load_params
+
+_TRAIN_SLOTS: dict[str, threading.Semaphore] = {}
+
+
+def _stage_flow(stage: str):
+    """The stage's own flow and its extra arguments, from the DVC stage name."""
+    name, _, item = stage.partition("@")
+    if name == "download":
+        from flows.download import download_flow as fn
+    elif name == "preprocess":
+        from flows.preprocess import preprocess_flow as fn
+    elif name == "train":
+        from flows.train import train_flow as fn
+
+        return fn, {"mode": item}
+    elif name == "evaluate":
+        from flows.evaluate import evaluate_flow as fn
+    elif name == "detect":
+        from flows.detect import detect_flow as fn
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return fn, {}
+
+
+def _train_slot(device: str) -> threading.Semaphore:
+    """Training modes share the machine: one at a time on CPU, side by side on a GPU."""
+    import torch
+
+    slots = 2 if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else 1
+    return _TRAIN_SLOTS.setdefault(device, threading.Semaphore(slots))
+
+
+@task(name="stage", task_run_name="{stage}")
+def run_stage(stage: str, params_file: str, force: bool, device: str) -> dict[str, Any]:
+    """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it."""
+    sync = DvcSync()
+    changes = sync.stale(stage)
+    if not changes and not force:
+        print(f"{stage}: up to date (dvc status), skipped")
+        return {"stage": stage, "status": "skipped", "seconds": 0.0}
+    fn, kwargs = _stage_flow(stage)
+    slot = _train_slot(device) if stage.startswith("train@") else None
+    if slot:
+        slot.acquire()
+    try:
+        t0 = time.perf_counter()
+        result = fn(params_file=params_file, **kwargs)
+        seconds = time.perf_counter() - t0
+    finally:
+        if slot:
+            slot.release()
+    sync.commit(stage)
+    return {"stage": stage, "status": "ran", "seconds": round(seconds, 1), "result": result}
+
+
+def _summary_markdown(rows: list[dict], total: float) -> str:
+    lines = ["# Pipeline run", "", "| stage | status | seconds | key results |", "|---|---|---|---|"]
+    for r in rows:
+        res = r.get("result") or {}
+        keys = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and len(str(v)) < 60}
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(keys.items())[:6])
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {shown} |")
+    lines += ["", f"Total wall time: {total:.1f} s"]
+    return "\n".join(lines)
+
+
+@flow(name="pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+def pipeline_flow(params_file: str = "params.yaml", force: bool = False) -> list[dict]:
+    """Run the whole DAG; stages that DVC reports up to date are skipped unless ``force``.
+
+    Returns:
+        One row per stage: stage, status (ran | skipped), seconds, and the stage's result.
+
+    Raises:
+        The first failing stage's own exception (downstream stages do not run).
+    """
+    p = load_params(params_file)
+    t0 = time.perf_counter()
+    order: list[tuple[str, Any]] = []
+
+    def submit(stage: str, wait_for=()):
+        fut = run_stage.submit(stage, params_file, force, p.device, wait_for=list(wait_for))
+        order.append((stage, fut))
+        return fut
+
+    dl = submit("download")
+    pre = submit("preprocess", [dl])
+    trains = [submit(f"train@{mode}", [pre]) for mode in p.train.modes]
+    submit("detect", [dl])
+    submit("evaluate", trains)
+
+    rows, first_error = [], None
+    for stage, fut in order:
+        fut.wait()
+        state = fut.state
+        if state.is_completed():
+            rows.append(fut.result())
+        else:
+            rows.append({"stage": stage, "status": state.name.lower(), "seconds": 0.0})
+            if first_error is None and state.is_failed():
+                try:
+                    fut.result()
+                except BaseException as err:  # the stage's own exception
+                    first_error = err
+    total = time.perf_counter() - t0
+    create_markdown_artifact(_summary_markdown(rows, total), key="pipeline-summary",
+                             description="Stages, wall time and key results of this pipeline run")
+    if first_error is not None:
+        raise first_error
+    return rows
+
+
+def pipeline_deployment(name: str, cron: str, params_file: str = "params.yaml", timezone: str | None = None):
+    """A deployment of :func:`pipeline_flow` on a cron schedule (what `cvpipe serve` serves)."""
+    from prefect.schedules import Cron
+
+    schedule = Cron(cron, timezone=timezone) if timezone else Cron(cron)
+    return pipeline_flow.to_deployment(
+        name=name,
+        schedules=[schedule],
+        parameters={"params_file": params_file, "force": False},
+        description="The cvpipe DAG; stages DVC reports up to date are skipped.",
+        tags=["cvpipe"],
+    )
