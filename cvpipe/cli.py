@@ -213,6 +213,29 @@ def serve(
     prefect_serve(deployment)
 
 
+@app.command()
+def compare(
+    limit: Annotated[int, typer.Option(help="Newest N training runs.")] = 20,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Table of the MLflow training runs (mode, backbone, key params, accuracies, duration, data hash) and a plot."""
+    _check(params, {})
+    from cvpipe.compare import collect_runs, format_table, plot_comparison, to_csv
+    from cvpipe.io import atomic_write_text
+    from cvpipe.params import load_params
+
+    p = load_params(params)
+    rows = collect_runs(p, limit)
+    if not rows:
+        typer.echo("no finished training runs in MLflow yet: run `cvpipe run` or `cvpipe train` first")
+        raise typer.Exit(1)
+    typer.echo(format_table(rows))
+    out = p.paths.compare
+    atomic_write_text(out / "runs.csv", to_csv(rows))
+    plot_comparison(rows, out / "runs.png")
+    typer.echo(f"\nwrote {out / 'runs.csv'} and {out / 'runs.png'}")
+
+
 def _profile(name: str) -> dict[str, Any]:
     import yaml
 

@@ -33,6 +33,7 @@ class Paths(_Strict):
     train: Path
     evaluate: Path
     detect: Path
+    compare: Path
 
 
 class MlflowParams(_Strict):
