@@ -236,6 +236,34 @@ def compare(
     typer.echo(f"\nwrote {out / 'runs.csv'} and {out / 'runs.png'}")
 
 
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.", exists=True, dir_okay=False)],
+    top: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to print per image.")] = 3,
+    alias: Annotated[str, typer.Option(help="Registered-model alias to load.")] = "champion",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Classify images with the registered model `models:/<mlflow.registered_model>@champion`."""
+    _check(params, {})
+    from mlflow.exceptions import MlflowException
+
+    from cvpipe.params import load_params
+    from cvpipe.registry import predict as predict_images
+
+    p = load_params(params)
+    try:
+        results = predict_images(p, list(images), top, alias)
+    except MlflowException as err:
+        typer.secho(f"error: cannot load models:/{p.mlflow.registered_model}@{alias}: {err.message}\n"
+                    "Run `cvpipe run` (or train + evaluate) first: evaluate registers the best model.",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    for r in results:
+        typer.echo(r["path"])
+        for name, prob in r["top"]:
+            typer.echo(f"  {prob:7.2%}  {name}")
+
+
 def _profile(name: str) -> dict[str, Any]:
     import yaml
 

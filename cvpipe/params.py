@@ -40,6 +40,7 @@ class MlflowParams(_Strict):
     tracking_uri: str
     artifact_location: str
     experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
 
 
 class DataParams(_Strict):

@@ -1,0 +1,53 @@
+"""Prefect flow for the ``detect`` stage: shards mapped over a configurable task runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from cvpipe.params import DetectParams, Params, load_params
+from cvpipe.tracking import flatten, stage_run
+from tasks.detect import FAILURES, METRICS, ShardResult, collect_task, detect_shard_task, plan_task
+
+
+def task_runner(dp: DetectParams) -> TaskRunner:
+    """Threads by default; with ``task_runner: dask``, the scheduler at ``dask_address`` or a
+    temporary local cluster of ``workers`` single-threaded processes."""
+    if dp.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=dp.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if dp.dask_address:
+        return DaskTaskRunner(address=dp.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": dp.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+@flow(name="detect-shards")
+def detect_shards(p: Params) -> list[ShardResult]:
+    """List and shard the inputs, then run one ``detect-shard`` task per shard on this flow's
+    task runner (the shards stay out of the flow's parameters, which the Prefect API stores)."""
+    shards, images_dir = plan_task(p)
+    futures = detect_shard_task.map(shards, detector_dir=unmapped(p.paths.detector.resolve()),
+                                    dp=unmapped(p.detect), images_dir=unmapped(images_dir),
+                                    shard=range(len(shards)), of=unmapped(len(shards)))
+    return futures.result()
+
+
+@flow(name="detect", log_prints=True)
+def detect_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
+                input: str | None = None) -> dict:
+    """Detect objects in every input image with YOLOv3; ``input`` overrides ``detect.input``."""
+    overrides = {**(overrides or {}), **({"detect.input": input} if input is not None else {})}
+    p = load_params(params_file, overrides)
+    with stage_run(p, "detect") as run:
+        results = detect_shards.with_options(task_runner=task_runner(p.detect))(p)
+        summary = collect_task(p, results)
+        run.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
+        run.log_artifact(p.paths.detect / METRICS)
+        run.log_artifact(p.paths.detect / FAILURES)
+    print(f"detect: {summary['images']} images, {summary['detections']} detections, "
+          f"{summary['failures']} failures, {summary['images_per_s']} images/s")
+    return summary

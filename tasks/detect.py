@@ -1,0 +1,535 @@
+"""The ``detect`` stage: YOLOv3 (Darknet files) through OpenCV's DNN module over a batch of images.
+
+Inference is preprocess -> forward -> postprocess, each timed: images are read
+as RGB (a bad file becomes a failure with its reason and the batch goes on),
+resized without letterbox into one blob per batch, run through the network,
+decoded with array operations and filtered by class-aware NMS. Shards of the
+input list are independent, so the flow maps them over any Prefect task runner;
+the outputs are written once, from the merged shard results.
+
+Outputs (under ``paths.detect``): ``detections.jsonl``, ``coco_results.json``,
+``detections.csv``, ``failures.json``, ``metrics.json`` and, when
+``detect.save_images``, annotated JPEGs in ``images/``.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import csv
+import glob
+import io
+import json
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from cvpipe.io import atomic_write_bytes, atomic_write_text, read_json, write_json
+from cvpipe.params import DetectParams, Params
+from tasks.download import DETECTOR_FILES, MANIFEST
+from tasks.preprocess import IMAGE_SUFFIXES, read_image
+
+IMAGES_DIR = "images"
+DETECTIONS = "detections.jsonl"
+COCO_RESULTS = "coco_results.json"
+CSV_FILE = "detections.csv"
+FAILURES = "failures.json"
+METRICS = "metrics.json"
+
+#: COCO category id of each of the 80 Darknet ``coco.names`` classes, in file order
+#: (the ids the official COCO annotation files use; 91 ids with gaps).
+COCO80_TO_91 = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+    60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+)
+
+
+class InputImage(NamedTuple):
+    """One input: ``image_id`` (1-based position in the input list), ``path`` as listed
+    (written to the outputs), ``file`` (absolute, what a worker opens) and ``out_name``
+    (its annotated JPEG's file name, unique within the run)."""
+
+    image_id: int
+    path: str
+    file: str
+    out_name: str
+
+
+class Detections(NamedTuple):
+    """Detections as parallel arrays: ``image`` (index in the batch), ``boxes`` (x, y, w, h in
+    original pixels), ``scores`` and ``class_ids``."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+
+    def select(self, idx: np.ndarray) -> "Detections":
+        return Detections(*(a[idx] for a in self))
+
+
+class Detector(NamedTuple):
+    """A loaded network, the names of its YOLO output layers and its class names."""
+
+    net: cv2.dnn.Net
+    output_names: list[str]
+    classes: list[str]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def list_inputs(spec: str) -> list[Path]:
+    """The images named by ``detect.input``.
+
+    Args:
+        spec: a folder (its files with an image suffix, sorted, not recursive), a ``.txt``
+            file (one path per line; blank lines and ``#`` comments skipped; relative paths
+            are relative to the list file's folder; every listed path is an input, so a
+            missing one becomes a failure), or a glob (``**`` recursive; a plain file path
+            is a glob that matches itself).
+
+    Raises:
+        FileNotFoundError: nothing matches ``spec``.
+    """
+    src = Path(spec)
+    if src.is_dir():
+        paths = sorted(f for f in src.iterdir()
+                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+    elif src.suffix.lower() == ".txt" and src.is_file():
+        lines = (ln.strip() for ln in src.read_text().splitlines())
+        paths = [src.parent / ln for ln in lines if ln and not ln.startswith("#")]
+    else:
+        paths = [Path(f) for f in sorted(glob.glob(spec, recursive=True)) if Path(f).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"detect.input {spec!r}: no images found (expected a folder, a .txt list or a glob)")
+    return paths
+
+
+def plan_inputs(paths: list[Path]) -> list[InputImage]:
+    """Number the inputs and give each a unique annotated-image name (``<stem>.jpg``, or
+    ``<stem>_<image_id>.jpg`` when an earlier input has the same stem)."""
+    seen: set[str] = set()
+    items = []
+    for i, path in enumerate(paths, start=1):
+        name = f"{path.stem}.jpg"
+        if name in seen:
+            name = f"{path.stem}_{i}.jpg"
+        seen.add(name)
+        items.append(InputImage(i, str(path), str(path.resolve()), name))
+    return items
+
+
+def split_shards(items: list, n: int) -> list[list]:
+    """Split ``items`` into at most ``n`` contiguous, non-empty shards of near-equal size."""
+    n = max(1, min(n, len(items)))
+    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def read_classes(path: Path) -> list[str]:
+    """Class names, one per line (Darknet ``coco.names``)."""
+    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def check_detector(detector_dir: Path, model: str) -> None:
+    """Fail early when ``detector_dir`` does not hold the files of ``model``.
+
+    Raises:
+        FileNotFoundError: a file is missing, or the manifest names another model.
+    """
+    hint = "run `cvpipe download` (or `dvc repro download`) with the same detect.model"
+    missing = [f for f in (*DETECTOR_FILES, MANIFEST) if not (detector_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"detector files {missing} not found in {detector_dir}: {hint}")
+    found = read_json(detector_dir / MANIFEST).get("model")
+    if found != model:
+        raise FileNotFoundError(f"{detector_dir} holds {found} files but detect.model is {model}: {hint}")
+
+
+def with_layer_threshold(cfg: str, threshold: float) -> str:
+    """Set ``thresh`` in every ``[yolo]`` section of a Darknet cfg.
+
+    OpenCV's YOLO layer zeroes every class score at or below its ``thresh`` (0.2 when
+    the cfg has none, as the official ones), which would silently floor
+    ``detect.conf_threshold`` at 0.2; setting it to the requested threshold makes
+    every value honoured.
+    """
+    sections = re.split(r"(?m)^(?=\[)", cfg)
+    out = []
+    for sec in sections:
+        if re.match(r"\[yolo\]", sec):
+            sec = re.sub(r"(?m)^\s*thresh\s*=.*\n?", "", sec)
+            sec = sec.replace("[yolo]", f"[yolo]\nthresh={threshold!r}", 1)
+        out.append(sec)
+    return "".join(out)
+
+
+def load_detector(detector_dir: Path, conf_threshold: float) -> Detector:
+    """Read the Darknet cfg and weights with ``cv2.dnn.readNetFromDarknet`` (CPU backend)."""
+    detector_dir = Path(detector_dir)
+    cfg = with_layer_threshold((detector_dir / "model.cfg").read_text(), conf_threshold)
+    net = cv2.dnn.readNetFromDarknet(np.frombuffer(cfg.encode(), np.uint8),
+                                     np.fromfile(detector_dir / "model.weights", np.uint8))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    return Detector(net, list(net.getUnconnectedOutLayersNames()), read_classes(detector_dir / "classes.txt"))
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def make_blob(images: list[np.ndarray], size: int) -> np.ndarray:
+    """One NCHW float blob of RGB ``images`` resized to ``size`` x ``size`` (no letterbox,
+    no crop; values scaled to [0, 1]), so box coordinates map back by the image's own
+    width and height."""
+    return cv2.dnn.blobFromImages(images, scalefactor=1 / 255.0, size=(size, size), swapRB=False, crop=False)
+
+
+def forward(det: Detector, blob: np.ndarray) -> list[np.ndarray]:
+    """Run the network on a blob; one array per YOLO output layer."""
+    det.net.setInput(blob)
+    return list(det.net.forward(det.output_names))
+
+
+def decode(outputs: list[np.ndarray], sizes: np.ndarray, conf_threshold: float) -> Detections:
+    """Turn raw YOLO layer outputs into boxes in original pixel coordinates, with array operations.
+
+    Each output row is ``cx, cy, w, h, objectness, s_0 .. s_{C-1}`` with the box relative to
+    the network input. OpenCV's YOLO layer already writes ``s_c = objectness x P(class c |
+    object)`` (it multiplies in place), so the score of a row is its best ``s_c`` and its
+    class that ``c``. The seed thresholded ``objectness`` (column 4) alone: a box sure that
+    *something* is there but torn between classes passed with a high score, and the class
+    probability never lowered it. Here a box passes only when objectness x class probability
+    is above ``conf_threshold``.
+
+    Args:
+        outputs: per output layer, (N, R_l, 5 + C), or (R_l, 5 + C) when N is 1 (OpenCV drops
+            the batch axis then).
+        sizes: (N, 2) original (width, height) of each image.
+        conf_threshold: keep rows whose score is strictly above it.
+
+    Returns:
+        The kept rows (one class each), boxes clipped to their image; boxes with no area
+        left after clipping are dropped.
+    """
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    n = len(sizes)
+    rows = np.concatenate([np.asarray(o, np.float32).reshape(n, -1, o.shape[-1]) for o in outputs], axis=1)
+    class_scores = rows[..., 5:]
+    class_ids = class_scores.argmax(axis=-1)
+    scores = np.take_along_axis(class_scores, class_ids[..., None], axis=-1)[..., 0]
+    img, row = np.nonzero(scores > conf_threshold)
+    wh = sizes[img]
+    centre = rows[img, row, 0:2].astype(np.float64) * wh
+    half = rows[img, row, 2:4].astype(np.float64) * wh / 2
+    top_left = np.clip(centre - half, 0, wh)
+    bottom_right = np.clip(centre + half, 0, wh)
+    boxes = np.concatenate([top_left, bottom_right - top_left], axis=1)
+    keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+    return Detections(img, boxes, scores[img, row], class_ids[img, row]).select(keep)
+
+
+def nms(dets: Detections, num_classes: int, iou_threshold: float) -> Detections:
+    """Class-aware NMS over a whole batch with ``cv2.dnn.NMSBoxesBatched``.
+
+    Boxes are grouped by (image, class): a box only suppresses boxes of the same class in
+    the same image whose IoU with it is above ``iou_threshold``.
+
+    Returns:
+        The kept detections, ordered by image, then by descending score.
+    """
+    if len(dets.scores) == 0:
+        return dets
+    groups = dets.image.astype(np.int64) * num_classes + dets.class_ids
+    keep = cv2.dnn.NMSBoxesBatched(dets.boxes.tolist(), dets.scores.astype(float).tolist(),
+                                   groups.tolist(), 0.0, iou_threshold)
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    kept = dets.select(keep)
+    return kept.select(np.lexsort((-kept.scores, kept.image)))
+
+
+def postprocess(outputs: list[np.ndarray], sizes: np.ndarray, num_classes: int,
+                conf_threshold: float, iou_threshold: float) -> list[Detections]:
+    """Decode + NMS for a batch; one :class:`Detections` per image (``image`` all zero)."""
+    dets = nms(decode(outputs, sizes, conf_threshold), num_classes, iou_threshold)
+    per_image = []
+    for i in range(len(sizes)):
+        d = dets.select(dets.image == i)
+        per_image.append(d._replace(image=np.zeros_like(d.image)))
+    return per_image
+
+
+def detection_dicts(dets: Detections, classes: list[str]) -> list[dict]:
+    """JSON-able detections: class id and name, score, box {x, y, w, h} in pixels."""
+    return [{"class_id": int(c), "class_name": classes[c], "score": round(float(s), 5),
+             "box": dict(zip("xywh", (round(float(v), 2) for v in b)))}
+            for b, s, c in zip(dets.boxes, dets.scores, dets.class_ids)]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    """A stable, distinct RGB colour per class (hues spaced by the golden ratio)."""
+    r, g, b = colorsys.hsv_to_rgb((class_id * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(image: np.ndarray, dets: Detections, classes: list[str]) -> np.ndarray:
+    """A copy of the RGB ``image`` with each box in its class colour and a ``class:score`` caption."""
+    out = np.ascontiguousarray(image).copy()
+    h_img, w_img = out.shape[:2]
+    thickness = max(1, round(min(h_img, w_img) / 400))
+    font, font_scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(h_img, w_img) / 1000)
+    for (x, y, w, h), score, c in zip(dets.boxes, dets.scores, dets.class_ids):
+        colour = class_colour(int(c))
+        x1, y1, x2, y2 = (int(round(v)) for v in (x, y, x + w, y + h))
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
+        caption = f"{classes[c]}:{score:.2f}"
+        (tw, th), base = cv2.getTextSize(caption, font, font_scale, 1)
+        label_h = th + base + 2
+        top = y1 - label_h if y1 >= label_h else y1  # above the box when there is room
+        cv2.rectangle(out, (x1, top), (x1 + tw + 2, top + label_h), colour, -1)
+        ink = (0, 0, 0) if sum(colour) > 382 else (255, 255, 255)
+        cv2.putText(out, caption, (x1 + 1, top + th + 1), font, font_scale, ink, 1, cv2.LINE_AA)
+    return out
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of an RGB image."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+class ShardResult(NamedTuple):
+    """What a shard returns: per-image records, failures, summed seconds per phase, and its
+    wall-clock start and end (epoch seconds)."""
+
+    records: list[dict]
+    failures: list[dict]
+    seconds: dict[str, float]
+    start: float
+    end: float
+
+
+def failure_reason(err: BaseException) -> str:
+    """A short reason for a file that could not be read ("empty file", "No such file or directory")."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err).strip() or type(err).__name__
+
+
+def detect_shard(items: list[InputImage], detector_dir: Path, dp: DetectParams,
+                 images_dir: Path | None = None, shard: int = 0, of: int = 1) -> ShardResult:
+    """Detect objects in one shard of inputs, batch by batch.
+
+    Every input ends in exactly one of ``records`` (read and run, possibly with no
+    detection) or ``failures`` (with a reason); a bad file never stops the shard.
+
+    Args:
+        items: the shard's inputs.
+        detector_dir: folder with model.cfg, model.weights and classes.txt.
+        dp: the ``detect`` parameters (input_size, batch_size, thresholds, jpeg_quality).
+        images_dir: where annotated JPEGs go; None to draw nothing.
+        shard, of: position of this shard, for the progress bar.
+    """
+    start = time.time()
+    det = load_detector(detector_dir, dp.conf_threshold)
+    seconds = dict.fromkeys(("preprocess", "forward", "postprocess", "draw"), 0.0)
+    records: list[dict] = []
+    failures: list[dict] = []
+    with tqdm(total=len(items), desc=f"detect {shard + 1}/{of}", unit="img") as bar:
+        for b in range(0, len(items), dp.batch_size):
+            batch = items[b:b + dp.batch_size]
+            t0 = time.perf_counter()
+            good, images = [], []
+            for item in batch:
+                try:
+                    images.append(read_image(Path(item.file)))
+                    good.append(item)
+                except (ValueError, OSError, cv2.error) as err:
+                    failures.append({"image_id": item.image_id, "path": item.path, "reason": failure_reason(err)})
+            if images:
+                sizes = np.array([(im.shape[1], im.shape[0]) for im in images])
+                blob = make_blob(images, dp.input_size)
+                t1 = time.perf_counter()
+                outputs = forward(det, blob)
+                t2 = time.perf_counter()
+                per_image = postprocess(outputs, sizes, len(det.classes), dp.conf_threshold, dp.nms_threshold)
+                t3 = time.perf_counter()
+                for item, image, dets in zip(good, images, per_image):
+                    rec = {"image_id": item.image_id, "path": item.path,
+                           "width": int(image.shape[1]), "height": int(image.shape[0]),
+                           "detections": detection_dicts(dets, det.classes)}
+                    if images_dir is not None:
+                        jpeg = encode_jpeg(draw_detections(image, dets, det.classes), dp.jpeg_quality)
+                        atomic_write_bytes(Path(images_dir) / item.out_name, jpeg)
+                        rec["annotated"] = f"{IMAGES_DIR}/{item.out_name}"
+                    records.append(rec)
+                t4 = time.perf_counter()
+                seconds["preprocess"] += t1 - t0
+                seconds["forward"] += t2 - t1
+                seconds["postprocess"] += t3 - t2
+                seconds["draw"] += t4 - t3
+            else:
+                seconds["preprocess"] += time.perf_counter() - t0
+            bar.update(len(batch))
+    return ShardResult(records, failures, seconds, start, time.time())
+
+
+# --------------------------------------------------------------------------- results
+
+
+def coco_results(records: list[dict]) -> list[dict]:
+    """Detections in the COCO results format: ``image_id`` is the record's, ``category_id``
+    the official COCO id of the Darknet class (:data:`COCO80_TO_91`)."""
+    return [{"image_id": r["image_id"], "category_id": COCO80_TO_91[d["class_id"]],
+             "bbox": [d["box"][k] for k in "xywh"], "score": d["score"]}
+            for r in records for d in r["detections"]]
+
+
+def detections_csv(records: list[dict]) -> str:
+    """One CSV row per detection (images without detections have no row)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image_id", "path", "width", "height", "class_id", "class_name", "score", "x", "y", "w", "h"])
+    for r in records:
+        for d in r["detections"]:
+            writer.writerow([r["image_id"], r["path"], r["width"], r["height"], d["class_id"], d["class_name"],
+                             d["score"], *(d["box"][k] for k in "xywh")])
+    return buf.getvalue()
+
+
+def coco_map(results: list[dict], records: list[dict], annotations: Path) -> dict:
+    """mAP@0.5 and mAP@[.5:.95] with pycocotools' COCOeval against a COCO annotation file.
+
+    Images are matched by file name (an annotation image's ``file_name`` against the
+    name of the record's ``path``); only matched images are evaluated. Category ids
+    must be the official COCO ones (as :func:`coco_results` writes). pycocotools
+    reports -1 when there is no ground-truth box at all.
+
+    Returns:
+        {"map50", "map50_95", "annotated_images"}.
+
+    Raises:
+        ValueError: no processed image appears in the annotation file.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+    by_name = {Path(im["file_name"]).name: im["id"] for im in gt.dataset.get("images", [])}
+    gt_id = {r["image_id"]: by_name[Path(r["path"]).name] for r in records if Path(r["path"]).name in by_name}
+    if not gt_id:
+        raise ValueError(f"detect.annotations {annotations}: none of the {len(records)} processed images "
+                         "is listed in it (matched by file name)")
+    dts = [{**d, "image_id": gt_id[d["image_id"]]} for d in results if d["image_id"] in gt_id]
+    out = {"map50": 0.0, "map50_95": 0.0, "annotated_images": len(gt_id)}
+    if dts:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(gt, gt.loadRes(dts), "bbox")
+            ev.params.imgIds = sorted(set(gt_id.values()))
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        out.update(map50=float(ev.stats[1]), map50_95=float(ev.stats[0]))
+    return out
+
+
+def merge_shards(results: list[ShardResult]) -> tuple[list[dict], list[dict]]:
+    """All records and all failures, each ordered by ``image_id``."""
+    records = sorted((r for s in results for r in s.records), key=lambda r: r["image_id"])
+    failures = sorted((f for s in results for f in s.failures), key=lambda f: f["image_id"])
+    return records, failures
+
+
+def summarize(results: list[ShardResult], records: list[dict], failures: list[dict]) -> dict:
+    """The stage's metrics: counts, detections per class and throughput.
+
+    ``images_per_s`` is end to end (inputs / wall time from the first shard's start, model
+    loading included, to the last shard's end); ``forward_images_per_s`` is the images
+    read / seconds spent in ``net.forward`` summed over shards.
+    """
+    per_class = Counter(d["class_name"] for r in records for d in r["detections"])
+    wall = max(s.end for s in results) - min(s.start for s in results)
+    seconds = {k: round(sum(s.seconds[k] for s in results), 4) for k in results[0].seconds}
+    inputs = len(records) + len(failures)
+    return {
+        "inputs": inputs,
+        "images": len(records),
+        "failures": len(failures),
+        "detections": sum(per_class.values()),
+        "per_class": dict(sorted(per_class.items())),
+        "images_per_s": round(inputs / wall, 3) if wall > 0 else 0.0,
+        "forward_images_per_s": round(len(records) / seconds["forward"], 3) if seconds["forward"] > 0 else 0.0,
+        "seconds": {"wall": round(wall, 4), **seconds},
+    }
+
+
+def write_outputs(out_dir: Path, records: list[dict], failures: list[dict], results: list[dict],
+                  summary: dict) -> None:
+    """Write every output file of the stage atomically."""
+    atomic_write_text(out_dir / DETECTIONS, "".join(json.dumps(r) + "\n" for r in records))
+    write_json(out_dir / COCO_RESULTS, results)
+    atomic_write_text(out_dir / CSV_FILE, detections_csv(records))
+    write_json(out_dir / FAILURES, failures)
+    write_json(out_dir / METRICS, summary)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def plan(p: Params) -> tuple[list[list[InputImage]], Path | None]:
+    """List and shard the inputs, check the detector files and reset ``images/``.
+
+    Returns:
+        (shards, images_dir), the folder None when ``detect.save_images`` is false.
+    """
+    check_detector(p.paths.detector, p.detect.model)
+    shards = split_shards(plan_inputs(list_inputs(p.detect.input)), p.detect.shards)
+    images_dir = p.paths.detect.resolve() / IMAGES_DIR
+    shutil.rmtree(images_dir, ignore_errors=True)  # annotations of a previous input set must not linger
+    if not p.detect.save_images:
+        return shards, None
+    images_dir.mkdir(parents=True)
+    return shards, images_dir
+
+
+def collect(p: Params, shard_results: list[ShardResult]) -> dict:
+    """Merge the shards, evaluate against ``detect.annotations`` when given, write the outputs.
+
+    Returns:
+        The summary written to ``metrics.json``.
+    """
+    records, failures = merge_shards(shard_results)
+    results = coco_results(records)
+    summary = summarize(shard_results, records, failures)
+    if p.detect.annotations is not None:
+        summary.update(coco_map(results, records, p.detect.annotations))
+    write_outputs(p.paths.detect, records, failures, results, summary)
+    return summary
+
+
+plan_task = task(plan, name="detect-plan", cache_policy=NO_CACHE)
+detect_shard_task = task(detect_shard, name="detect-shard", cache_policy=NO_CACHE)
+collect_task = task(collect, name="detect-collect", cache_policy=NO_CACHE)
