@@ -55,6 +55,8 @@ class DownloadParams(_Strict):
     cifar10_url: str
     cifar10_md5: str = Field(pattern=r"^[0-9a-f]{32}$")
     samples: list[str]
+    sample_scale: float | None = Field(default=None, gt=0, le=1)
+    sample_canvas: tuple[int, int]
 
 
 class PreprocessParams(_Strict):

@@ -266,13 +266,40 @@ def download_detector(model: str, out_dir: Path, dp: DownloadParams, cache_dir: 
 # --------------------------------------------------------------------------- sample photos
 
 
-def export_samples(names: list[str], out_dir: Path) -> list[Path]:
-    """Write scikit-image's bundled photos as JPEGs: an offline input set for ``detect``."""
+def place_on_canvas(photo: np.ndarray, scale: float, canvas_wh: tuple[int, int],
+                    at: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``photo`` resized by ``scale`` and pasted on a plain grey canvas (centred unless ``at``).
+
+    Returns:
+        The canvas (same channel order as ``photo``) and where the photo lies (x, y, w, h).
+    """
+    import cv2
+
+    cw, ch = canvas_wh
+    small = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = small.shape[:2]
+    if w > cw or h > ch:
+        raise ValueError(f"a photo of {photo.shape[1]}x{photo.shape[0]} at scale {scale} does not fit {cw}x{ch}")
+    x, y = at if at is not None else ((cw - w) // 2, (ch - h) // 2)
+    canvas = np.full((ch, cw) + photo.shape[2:], 127, np.uint8)
+    canvas[y:y + h, x:x + w] = small
+    return canvas, (x, y, w, h)
+
+
+def export_samples(names: list[str], out_dir: Path, scale: float | None = None,
+                   canvas_wh: tuple[int, int] = (800, 600)) -> list[Path]:
+    """Write scikit-image's bundled photos as JPEGs: an offline input set for ``detect``.
+
+    With ``scale``, each photo is also written as ``<name>_scene.jpg``: the photo at that
+    scale on a plain canvas, so objects take a realistic part of the frame (the photos are
+    close-ups that fill it).
+    """
     import cv2
     import skimage.data
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in set(out_dir.glob("*.jpg")) - {out_dir / f"{n}.jpg" for n in names}:
+    wanted = [f"{n}.jpg" for n in names] + ([f"{n}_scene.jpg" for n in names] if scale else [])
+    for stale in set(out_dir.glob("*.jpg")) - {out_dir / w for w in wanted}:
         stale.unlink()
     written = []
     for name in names:
@@ -284,13 +311,16 @@ def export_samples(names: list[str], out_dir: Path) -> list[Path]:
             img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
         else:
             img = cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2BGR)
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise RuntimeError(f"could not encode sample {name}")
-        dest = out_dir / f"{name}.jpg"
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(buf.tobytes())
-        written.append(dest)
+        variants = {f"{name}.jpg": img}
+        if scale:
+            variants[f"{name}_scene.jpg"] = place_on_canvas(img, scale, canvas_wh)[0]
+        for fname, im in variants.items():
+            ok, buf = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not ok:
+                raise RuntimeError(f"could not encode sample {fname}")
+            with atomic_path(out_dir / fname) as tmp:
+                tmp.write_bytes(buf.tobytes())
+            written.append(out_dir / fname)
     return written
 
 
@@ -317,7 +347,8 @@ def download(p: Params) -> dict:
     facts["backbone_sha256"] = backbone["sha256"]
     detector = download_detector(p.detect.model, p.paths.detector, p.download, cache_dir=p.paths.cache)
     facts["detector"] = detector["model"]
-    facts["samples"] = len(export_samples(p.download.samples, p.paths.samples))
+    facts["samples"] = len(export_samples(p.download.samples, p.paths.samples, p.download.sample_scale,
+                                          tuple(p.download.sample_canvas)))
     return facts
 
 

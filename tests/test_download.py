@@ -157,10 +157,18 @@ def test_yolov3_tiny_comes_from_the_pypi_sdist_with_pinned_digests(tmp_path):
     assert names[0] == "person" and names[15] == "cat"
 
 
-def test_samples_are_real_photos(tmp_path):
-    paths = dl.export_samples(["astronaut", "chelsea"], tmp_path / "s")
-    img = cv2.imread(str(paths[1]))
-    assert img.shape == (300, 451, 3)
+def test_samples_are_real_photos_and_scenes(tmp_path):
+    paths = dl.export_samples(["astronaut", "chelsea"], tmp_path / "s", scale=0.5, canvas_wh=(640, 480))
+    assert [x.name for x in paths] == ["astronaut.jpg", "astronaut_scene.jpg", "chelsea.jpg", "chelsea_scene.jpg"]
+    photo, scene = cv2.imread(str(paths[2])), cv2.imread(str(paths[3]))
+    assert photo.shape == (300, 451, 3) and scene.shape == (480, 640, 3)
+    x, y, w, h = dl.place_on_canvas(photo, 0.5, (640, 480))[1]
+    assert (w, h) == (226, 150) and np.abs(scene[0, 0].astype(int) - 127).max() <= 2
+    inner = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(scene[y:y + h, x:x + w].astype(int) - inner).mean() < 4
+    # Only the requested files remain.
+    dl.export_samples(["chelsea"], tmp_path / "s")
+    assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["chelsea.jpg"]
     with pytest.raises(ValueError, match="no photo named"):
         dl.export_samples(["no_such_photo"], tmp_path / "s")
 
