@@ -35,7 +35,7 @@ class DvcSync:
         return Repo(str(self.root))
 
     def _guard(self, fn):
-        from dvc.exceptions import LockError
+        from dvc.lock import LockError
 
         with _LOCK:
             try:
@@ -64,6 +64,11 @@ class DvcSync:
 
         def commit():
             with self._repo() as repo:
-                repo.commit(stage, force=True)
+                stages = repo.commit(stage, force=True)
+                # As `dvc repro` does: cached outputs are listed in .gitignore.
+                with repo.scm_context(quiet=True):
+                    for st in stages:
+                        for out in st.outs:
+                            out.ignore()
 
         self._guard(commit)
