@@ -71,9 +71,11 @@ class TrainParams(_Strict):
     weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     modes: list[Literal["feature_extractor", "fine_tune"]] = Field(min_length=1)
     image_size: int = Field(ge=16, le=1024)
+    interpolation: Literal["bilinear", "bicubic", "nearest"]
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
+    bn_momentum: float | None = Field(default=None, gt=0, le=1)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     hflip: bool

@@ -1,0 +1,69 @@
+"""Prefect flow for the ``evaluate`` stage: results are logged into each model's own MLflow run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import flow
+
+from cvpipe.params import Params, load_params
+from cvpipe.registry import register_best
+from cvpipe.tracking import StageRun, configure, stage_run
+from tasks.evaluate import ACCURACY_PLOT, METRICS, evaluate_task, model_run_id
+
+log = logging.getLogger(__name__)
+
+
+def metric_name(name: str) -> str:
+    """``name`` with the characters MLflow rejects in metric keys replaced by ``_`` (class names are free text)."""
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
+@contextlib.contextmanager
+def model_run(p: Params, mode: str) -> Iterator[StageRun]:
+    """The MLflow run that trained ``mode``; a new ``evaluate-<mode>`` run (with a warning) when it is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    client, _ = configure(p)
+    run_id = model_run_id(p, mode)
+    found = False
+    if run_id is not None:
+        try:
+            found = client.get_run(run_id) is not None
+        except MlflowException:
+            found = False
+    if found:
+        yield StageRun(client, run_id)
+        return
+    log.warning("evaluate %s: the model's MLflow run (%s) is not in %s; logging to a new run",
+                mode, run_id, p.mlflow.tracking_uri)
+    with stage_run(p, "evaluate", run_name=f"evaluate-{mode}", tags={"mode": mode}) as run:
+        yield run
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+    """Evaluate every mode of ``train.modes`` that has a trained model; returns {mode: test metrics}."""
+    p = load_params(params_file, overrides)
+    metrics = evaluate_task(p)
+    out = p.paths.evaluate
+    run_ids = {}
+    for mode, m in metrics.items():
+        with model_run(p, mode) as run:
+            run_ids[mode] = run.run_id
+            run.log_metrics({"test_acc": m["test_acc"], "test_loss": m["test_loss"],
+                             **{metric_name(f"test_acc_class_{c}"): a
+                                for c, a in m["per_class_acc"].items() if a is not None}})
+            run.set_tags({"evaluated": "true"})
+            for name in (f"confusion_{mode}.png", f"confusion_{mode}.json", ACCURACY_PLOT, METRICS):
+                run.log_artifact(out / name, "evaluate")
+    trained = {m: r for m, r in run_ids.items() if r == model_run_id(p, m)}
+    if trained:
+        reg = register_best(p, metrics, trained)
+        verdict = "now champion" if reg["champion"] else f"champion stays ({reg['previous_champion_acc']:.4f})"
+        print(f"registered {reg['name']} v{reg['version']} ({reg['mode']}, test_acc {reg['test_acc']:.4f}): {verdict}")
+    return metrics

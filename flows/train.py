@@ -1,0 +1,52 @@
+"""Prefect flow for the ``train`` stage: one MLflow run per mode (``train-<mode>``, tag ``mode``)."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from cvpipe.params import Params, load_params
+from cvpipe.tracking import StageRun, stage_run
+from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_for_logging, train_task, write_run_id
+
+# Packages a logged model needs besides the copied `tasks` code (pinned, so MLflow need not infer them).
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "efficientnet-lite-pytorch")
+
+
+def log_model(run: StageRun, p: Params, mode: str) -> None:
+    """Log the best model of ``mode`` (uint8 images in, logits out) with a signature and an input example."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    import tasks
+
+    clf, example, logits = model_for_logging(p, mode)
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.pytorch.log_model(
+            clf, name="model", signature=infer_signature(example, logits), input_example=example,
+            pip_requirements=[f"{r}=={version(r).split('+')[0]}" for r in MODEL_REQUIREMENTS],
+            code_paths=[str(Path(tasks.__file__).parent)])
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
+               mode: str = "feature_extractor") -> dict:
+    """Train one mode (``feature_extractor`` or ``fine_tune``); returns its final metrics."""
+    p = load_params(params_file, overrides)
+    with stage_run(p, "train", run_name=f"train-{mode}", tags={"mode": mode}) as run:
+        metrics = train_task(p, mode, on_epoch=lambda row: run.log_metrics(
+            {k: row[k] for k in (*EPOCH_KEYS, "images_per_s")}, step=row["epoch"]))
+        run.log_metrics({f"final_{k}": v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.set_tags({"backbone": p.train.backbone, "weights": p.train.weights, "device": metrics["device"],
+                      "amp": metrics["amp"]})
+        out = p.paths.train / mode
+        run.log_artifact(out / HISTORY)
+        run.log_artifact(out / METRICS)
+        log_model(run, p, mode)
+        write_run_id(p, mode, run.run_id)
+    return metrics

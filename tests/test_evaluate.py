@@ -1,0 +1,177 @@
+"""Tests for the ``evaluate`` stage, the train / evaluate flows with MLflow, and the accuracy bars on digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_params
+from cvpipe.io import read_json
+from cvpipe.params import load_params
+from tasks.evaluate import confusion_matrix, evaluate, per_class_accuracy, plot_accuracy, plot_confusion
+from tasks.train import RUN, train
+from test_train import TINY_CLASSES, tiny_images, tiny_project
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_matrix_and_per_class_accuracy():
+    y = np.array([0, 0, 1, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    cm = confusion_matrix(y, pred, 4)
+    assert cm.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    pca = per_class_accuracy(cm)
+    assert pca[:3].tolist() == [0.5, 2 / 3, 1.0] and np.isnan(pca[3])
+
+
+def test_plots_are_png(tmp_path):
+    from tasks.evaluate import _save_figure
+
+    _save_figure(plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], "t"), tmp_path / "c.png")
+    rows = [{"epoch": e, "train_acc": 0.5 + e / 10, "val_acc": 0.4 + e / 10} for e in (1, 2, 3)]
+    _save_figure(plot_accuracy({"feature_extractor": rows, "fine_tune": rows}), tmp_path / "a.png")
+    for name in ("c.png", "a.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+
+
+def test_evaluate_stage_on_tiny_models(tmp_path):
+    p = tiny_project(tmp_path, {"train.epochs": 10, "train.lr": 0.01, "train.fine_tune_epochs": 2})
+    for mode in ("feature_extractor", "fine_tune"):
+        train(p, mode)
+    metrics = evaluate(p)
+    out = p.paths.evaluate
+    assert read_json(out / "metrics.json") == metrics
+    _, y = tiny_images(10, 3)
+    for mode in ("feature_extractor", "fine_tune"):
+        m = metrics[mode]
+        assert m["n_test"] == len(y) == 40
+        assert m["test_acc"] >= 0.75  # chance is 0.25
+        conf = read_json(out / f"confusion_{mode}.json")
+        cm = np.array(conf["matrix"])
+        assert conf["classes"] == TINY_CLASSES and cm.sum() == 40
+        assert np.trace(cm) / 40 == pytest.approx(m["test_acc"])
+        assert [r["actual"] for r in conf["predictions"]] == [TINY_CLASSES[i] for i in y]
+        assert sum(r["actual"] == r["predicted"] for r in conf["predictions"]) == np.trace(cm)
+        assert m["per_class_acc"] == pytest.approx(dict(zip(TINY_CLASSES, np.diag(cm) / cm.sum(1))))
+        assert (out / f"confusion_{mode}.png").read_bytes().startswith(PNG)
+    assert (out / "accuracy.png").read_bytes().startswith(PNG)
+
+
+def test_evaluate_needs_a_trained_model(tmp_path):
+    p = tiny_project(tmp_path)
+    with pytest.raises(FileNotFoundError, match="cvpipe train"):
+        evaluate(p)
+
+
+# --------------------------------------------------------------------------- flows + MLflow
+
+
+def _runs(p):
+    from mlflow.tracking import MlflowClient
+
+    from cvpipe.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(p))
+    exp = client.get_experiment_by_name(p.mlflow.experiment)
+    return client, {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
+    """One MLflow run per mode with per-epoch curves, a loadable model, and the evaluation logged into it."""
+    import mlflow.pytorch
+
+    client, runs = _runs(p)
+    for mode, epochs in modes.items():
+        run = runs[f"train-{mode}"]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mode"] == mode and run.data.tags["stage"] == "train"
+        assert read_json(p.paths.train / mode / RUN) == {"run_id": run.info.run_id}
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert sorted(steps) == list(range(1, epochs + 1)), key
+        assert run.data.metrics["test_acc"] == pytest.approx(metrics[mode]["test_acc"])
+        assert run.data.tags["evaluated"] == "true"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+        assert f"evaluate/confusion_{mode}.png" in artifacts and "evaluate/accuracy.png" in artifacts
+
+        logged = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+                  if m.source_run_id == run.info.run_id]
+        assert len(logged) == 1
+        model = mlflow.pytorch.load_model(logged[0].model_uri)
+        info = mlflow.models.get_model_info(logged[0].model_uri)
+        assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+        x = np.load(Path(p.paths.processed) / "test.npz")["x"][:5]
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(x))
+        assert logits.shape == (5, len(read_json(p.paths.processed / "card.json")["classes"]))
+
+
+def test_flows_log_one_run_per_mode_and_evaluate_into_it(tmp_path, prefect_server):
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+
+    p = tiny_project(tmp_path, {"train.epochs": 2, "train.fine_tune_epochs": 1})
+    params_file = str(tmp_path / "params.yaml")
+    fe = train_flow(params_file, mode="feature_extractor")
+    ft = train_flow(params_file, mode="fine_tune")
+    assert fe["epochs"] == 2 and ft["epochs"] == 1
+    metrics = evaluate_flow(params_file)
+    assert set(metrics) == {"feature_extractor", "fine_tune"}
+    check_tracking(p, {"feature_extractor": 2, "fine_tune": 1}, metrics)
+
+
+# --------------------------------------------------------------------------- accuracy bars on digits
+
+
+DIGITS_112 = {
+    "train.image_size": 112,
+    "train.epochs": 60,            # the head on cached features: seconds
+    "train.fine_tune_epochs": 3,
+    "train.hflip": False,          # a mirrored digit is another symbol (and 6 flipped both ways is a 9)
+    "train.vflip": False,
+}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, prefect_server):
+    """download (digits, offline efficientnet_lite0 weights) -> preprocess -> train both modes -> evaluate."""
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+    from tasks.download import download_backbone, export_digits
+    from tasks.preprocess import preprocess
+
+    tmp = tmp_path_factory.mktemp("digits")
+    params_file = write_params(tmp, DIGITS_112)
+    p = load_params(params_file)
+    export_digits(p.paths.raw)
+    preprocess(p)
+    download_backbone(p.train, p.paths.backbone, p.download)
+    train = {m: train_flow(str(params_file), mode=m) for m in ("feature_extractor", "fine_tune")}
+    print("digits train metrics:", json.dumps(train, indent=1))
+    return p, train, evaluate_flow(str(params_file))
+
+
+@pytest.mark.slow
+def test_digits_feature_extractor_accuracy(digits_run):
+    p, train_metrics, metrics = digits_run
+    assert metrics["feature_extractor"]["n_test"] == 360
+    assert metrics["feature_extractor"]["test_acc"] >= 0.95
+    assert train_metrics["feature_extractor"]["feature_images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_digits_fine_tune_accuracy(digits_run):
+    p, train_metrics, metrics = digits_run
+    assert metrics["fine_tune"]["test_acc"] >= 0.98
+    assert min(metrics["fine_tune"]["per_class_acc"].values()) >= 0.9
+
+
+@pytest.mark.slow
+def test_digits_runs_are_tracked(digits_run):
+    p, _, metrics = digits_run
+    check_tracking(p, {"feature_extractor": 60, "fine_tune": 3}, metrics)
