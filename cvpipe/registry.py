@@ -41,8 +41,13 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     acc = float(candidates[mode]["test_acc"])
     name = p.mlflow.registered_model
     mv = mlflow.register_model(f"runs:/{run_ids[mode]}/model", name)
+    import json
+
+    from cvpipe.io import read_json
+
+    classes = read_json(p.paths.processed / "card.json")["classes"]
     for k, v in {"test_acc": acc, "mode": mode, "backbone": p.train.backbone,
-                 "dataset": p.data.dataset}.items():
+                 "dataset": p.data.dataset, "classes": json.dumps(classes)}.items():
         client.set_model_version_tag(name, mv.version, k, str(v))
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
@@ -56,8 +61,11 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
             "champion": promote, "previous_champion_acc": prev}
 
 
-def image_batch(paths: list[Path], channels: int) -> list[np.ndarray]:
-    """Each image as uint8 (1, C, H, W); C=1 for models trained on grey images (e.g. digits)."""
+def image_batch(paths: list[Path], channels: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Each image as uint8 (1, C, H, W); C=1 for models trained on grey images (e.g. digits).
+
+    ``size`` (H, W), when given, is the input size the model was exported with.
+    """
     import cv2
 
     from tasks.preprocess import read_image
@@ -65,6 +73,8 @@ def image_batch(paths: list[Path], channels: int) -> list[np.ndarray]:
     out = []
     for path in paths:
         rgb = read_image(path)
+        if size is not None and rgb.shape[:2] != size:
+            rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
         if channels == 1:
             out.append(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[None, None])
         else:
@@ -86,28 +96,38 @@ def predict(p: Params, paths: list[Path], k: int = 3, alias: str = CHAMPION) -> 
     Returns:
         One {"path", "top": [(class, probability), ...]} per image.
     """
+    import json
+
     import mlflow.pytorch
     import torch
 
     from cvpipe.tracking import configure
 
-    configure(p)
+    client, _ = configure(p)
     uri = f"models:/{p.mlflow.registered_model}@{alias}"
-    model = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
-    channels = _input_channels(uri)
-    classes = list(model.classes) if getattr(model, "classes", None) else None
+    version = client.get_model_version_by_alias(p.mlflow.registered_model, alias)
+    model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # MLflow 3 saves PyTorch models with torch.export (no pickle): already an inference graph
+    channels, size = _input_shape(uri)
+    classes = json.loads(version.tags["classes"]) if "classes" in version.tags else None
     results = []
     with torch.inference_mode():
-        for path, x in zip(paths, image_batch(paths, channels)):
+        for path, x in zip(paths, image_batch(paths, channels, size)):
             logits = model(torch.from_numpy(np.ascontiguousarray(x)))[0].float().numpy()
             names = classes or [str(i) for i in range(len(logits))]
             results.append({"path": str(path), "top": top_k(logits, names, k)})
     return results
 
 
-def _input_channels(uri: str) -> int:
+def _input_shape(uri: str) -> tuple[int, tuple[int, int] | None]:
+    """Channels and fixed (H, W) of the model's input, from its signature (None: any size)."""
     from mlflow.models import get_model_info
 
     sig = get_model_info(uri).signature
     shape = sig.inputs.inputs[0].shape if sig is not None else (-1, 3, -1, -1)
-    return int(shape[1]) if shape[1] in (1, 3) else 3
+    channels = int(shape[1]) if shape[1] in (1, 3) else 3
+    size = (int(shape[2]), int(shape[3])) if shape[2] > 0 and shape[3] > 0 else None
+    return channels, size

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import flow
 
+from cvpipe.io import read_json
 from cvpipe.params import Params, load_params
 from cvpipe.tracking import StageRun, stage_run
 from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_for_logging, train_task, write_run_id
@@ -43,7 +44,8 @@ def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | Non
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.set_tags({"backbone": p.train.backbone, "weights": p.train.weights, "device": metrics["device"],
-                      "amp": metrics["amp"]})
+                      "amp": metrics["amp"],
+                      "data_hash": read_json(p.paths.processed / "card.json")["data_hash"]})
         out = p.paths.train / mode
         run.log_artifact(out / HISTORY)
         run.log_artifact(out / METRICS)

@@ -32,3 +32,50 @@ def test_bad_cron_is_rejected():
 
     with pytest.raises(ValueError):
         pipeline_deployment("x", "not a cron", "params.yaml")
+
+
+@pytest.mark.slow
+def test_cvpipe_run_agrees_with_dvc_and_feeds_compare_registry_predict(tmp_path):
+    """`cvpipe run` on a fresh copy (shrunk quickstart), then `dvc status` is clean, a second run skips
+    everything, `cvpipe compare` lists both modes and `cvpipe predict` answers from the champion."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_dvc import clone_project
+
+    (tmp_path / "clone").mkdir()
+    repo = clone_project(tmp_path / "clone")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cvpipe = [str(Path(sys.executable).parent / "cvpipe")]
+
+    def run(*args):
+        r = subprocess.run([*args], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    out = run(*cvpipe, "run", "--profile", "offline", "--set", "train.image_size=32", "--set", "train.fine_tune_epochs=1")
+    for stage in ("download", "preprocess", "train@feature_extractor", "train@fine_tune", "detect", "evaluate"):
+        assert f"  {stage} " in out and "ran" in out.split(f"  {stage} ")[1].splitlines()[0], out
+    assert "mlflow ui --backend-store-uri" in out
+
+    status = run(sys.executable, "-m", "dvc", "status")
+    assert "up to date" in status, status
+    again = run(*cvpipe, "run")
+    assert again.count("skipped") == 6, again
+
+    metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+    assert set(metrics) >= {"feature_extractor", "fine_tune"}
+    assert metrics["feature_extractor"]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+
+    table = run(*cvpipe, "compare")
+    assert "feature_extractor" in table and "fine_tune" in table and "efficientnet_lite0" in table
+    assert (repo / "outputs/compare/runs.png").stat().st_size > 0
+
+    pred = run(*cvpipe, "predict", str(repo / "data/samples/chelsea.jpg"), "--top-k", "2")
+    lines = pred.strip().splitlines()
+    assert lines[0].endswith("chelsea.jpg") and len(lines) == 3
+    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert probs[0] >= probs[1] and all(0 <= x <= 100 for x in probs)
