@@ -264,6 +264,71 @@ def predict(
             typer.echo(f"  {prob:7.2%}  {name}")
 
 
+@app.command()
+def sweep(
+    backbones: Annotated[str, typer.Option(help="Comma-separated train.backbone values, e.g. resnet18,vgg16,efficientnet_lite0.")],
+    modes: Annotated[Optional[str], typer.Option(help="Comma-separated training modes (default: train.modes).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Compare backbones: for each, download its weights, train each mode, evaluate; then print the table.
+
+    Each backbone and mode is an MLflow run `train-<mode>` with test accuracy, parameters,
+    images/s, latency per image and model size; `cvpipe compare` shows them later.
+    Outputs go under <paths.train>/sweep/, so the main pipeline's outputs are untouched.
+    --set applies to every backbone. Evaluate registers each backbone's best model.
+
+    Alternative with DVC experiments (each a full `dvc repro` with its own parameters):
+      dvc exp run --queue -S train.backbone=resnet18
+      dvc exp run --queue -S train.backbone=vgg16 -S train.weights=none
+      dvc exp run --run-all
+      dvc exp show   (or: cvpipe compare)
+    """
+    from cvpipe import MODES
+
+    names = [b.strip() for b in backbones.split(",") if b.strip()]
+    ov = _overrides(set_)
+    if modes is not None:
+        ov["train.modes"] = [m.strip() for m in modes.split(",") if m.strip()]
+        bad = [m for m in ov["train.modes"] if m not in MODES]
+        if bad or not ov["train.modes"]:
+            raise typer.BadParameter(f"expected modes among {', '.join(MODES)}, got {modes!r}", param_hint="--modes")
+    if not names:
+        raise typer.BadParameter("give at least one backbone", param_hint="--backbones")
+    _check(params, ov)
+    for b in names:
+        _check(params, {**ov, "train.backbone": b})
+    from cvpipe.compare import format_table, run_row
+    from cvpipe.params import load_params
+    from cvpipe.tracking import configure
+    from flows.download import download_flow
+    from flows.evaluate import evaluate_flow
+    from flows.preprocess import preprocess_flow
+    from flows.train import train_flow
+    from tasks.evaluate import model_run_id
+
+    base = load_params(params, ov)
+    root = base.paths.train / "sweep"
+    shared = {**ov, "paths.processed": str(root / "processed"), "paths.features": str(root / "features")}
+    per_backbone = {b: {**shared, "train.backbone": b, "paths.backbone": str(root / b / "weights"),
+                        "paths.train": str(root / b / "train"), "paths.evaluate": str(root / b / "evaluate")}
+                    for b in names}
+    for i, (b, ovb) in enumerate(per_backbone.items()):
+        typer.echo(f"sweep: {b} ({i + 1}/{len(names)})")
+        _run(download_flow, params, overrides=ovb)
+        if i == 0:  # the data are the same for every backbone
+            _run(preprocess_flow, params, overrides=ovb)
+        for mode in base.train.modes:
+            _run(train_flow, params, overrides=ovb, mode=mode)
+        _run(evaluate_flow, params, overrides=ovb)
+    client, _ = configure(base)
+    rows = [run_row(client.get_run(model_run_id(load_params(params, ovb), mode)))
+            for ovb in per_backbone.values() for mode in base.train.modes]
+    typer.echo("")
+    typer.echo(format_table(rows))
+    typer.echo(f"\noutputs under {root}; all runs: cvpipe compare")
+
+
 def _profile(name: str) -> dict[str, Any]:
     import yaml
 

@@ -10,7 +10,8 @@ from typing import Any
 from cvpipe.params import Params
 
 COLUMNS = ["run", "mode", "backbone", "weights", "image_size", "epochs", "lr", "freeze_stages",
-           "val_acc", "test_acc", "images_per_s", "minutes", "data_hash", "dvc_exp"]
+           "val_acc", "test_acc", "images_per_s", "n_params", "model_size_mb", "latency_ms", "minutes",
+           "data_hash", "dvc_exp"]
 
 
 def run_row(run) -> dict[str, Any]:
@@ -32,6 +33,9 @@ def run_row(run) -> dict[str, Any]:
         "val_acc": met.get("best_val_acc", met.get("val_acc")),
         "test_acc": met.get("test_acc"),
         "images_per_s": met.get("images_per_s"),
+        "n_params": int(met["n_params"]) if "n_params" in met else None,
+        "model_size_mb": met.get("model_size_mb"),
+        "latency_ms": met.get("latency_ms"),
         "minutes": round((end - start) / 60000, 2) if start and end else None,
         "data_hash": (tags.get("data_hash") or "")[:12],
         "dvc_exp": tags.get("dvc.exp_name", ""),

@@ -97,6 +97,10 @@ class ChecksumError(ValueError):
     """A file's digest does not match the expected one."""
 
 
+class CorruptFile(ValueError):
+    """A file exists but cannot be read as what it should be (truncated, or another format)."""
+
+
 def verify_file(path: str | Path, expected: str, algorithm: str = "sha256", name: str | None = None) -> None:
     """Raise :class:`ChecksumError` when ``path``'s digest differs from ``expected``."""
     actual = file_hash(path, algorithm)

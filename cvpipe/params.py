@@ -66,7 +66,7 @@ class PreprocessParams(_Strict):
 
 
 class TrainParams(_Strict):
-    backbone: Literal["resnet18", "efficientnet_lite0"]
+    backbone: Literal["alexnet", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
     weights: str = Field(min_length=1)
     weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     modes: list[Literal["feature_extractor", "fine_tune"]] = Field(min_length=1)

@@ -31,28 +31,32 @@ def tracking_uri(p: Params) -> str:
 
 
 def configure(p: Params):
-    """Point MLflow at the project's store and return (client, experiment_id)."""
+    """Point MLflow at the project's store and return (client, experiment_id).
+
+    Creating a new sqlite store runs MLflow's migrations, which race when two processes
+    start at once; a file lock next to the database makes them take turns.
+    """
     import mlflow
+    from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(p)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(p.mlflow.experiment)
-    if exp is not None:
-        return client, exp.experiment_id
-    loc = p.mlflow.artifact_location
-    if "://" not in loc:
-        Path(loc).mkdir(parents=True, exist_ok=True)
-        loc = Path(loc).resolve().as_uri()
-    try:
-        return client, client.create_experiment(p.mlflow.experiment, artifact_location=loc)
-    except Exception:  # another process created it first (concurrent runs)
+    lock = contextlib.nullcontext()
+    if uri.startswith("sqlite:///"):
+        lock = FileLock(uri[len("sqlite:///"):] + ".lock", timeout=600)
+    with lock:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # opens the store: creates/migrates its tables
         exp = client.get_experiment_by_name(p.mlflow.experiment)
-        if exp is None:
-            raise
-        return client, exp.experiment_id
+        if exp is not None:
+            return client, exp.experiment_id
+        loc = p.mlflow.artifact_location
+        if "://" not in loc:
+            Path(loc).mkdir(parents=True, exist_ok=True)
+            loc = Path(loc).resolve().as_uri()
+        return client, client.create_experiment(p.mlflow.experiment, artifact_location=loc)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,7 +11,7 @@ from prefect import flow
 from cvpipe.io import read_json
 from cvpipe.params import Params, load_params
 from cvpipe.tracking import StageRun, stage_run
-from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_for_logging, train_task, write_run_id
+from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_costs, model_for_logging, train_task, write_run_id
 
 # Packages a logged model needs besides the copied `tasks` code (pinned, so MLflow need not infer them).
 MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "efficientnet-lite-pytorch")
@@ -33,6 +33,11 @@ def log_model(run: StageRun, p: Params, mode: str) -> None:
             code_paths=[str(Path(tasks.__file__).parent)])
 
 
+def weights_label(weights: str) -> str:
+    """How the backbone started, for humans comparing runs: random initialisation is said plainly."""
+    return {"none": "random init (no pretrained weights)"}.get(weights, weights)
+
+
 @flow(name="train", log_prints=True)
 def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
                mode: str = "feature_extractor") -> dict:
@@ -43,7 +48,9 @@ def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | Non
             {k: row[k] for k in (*EPOCH_KEYS, "images_per_s")}, step=row["epoch"]))
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log_metrics(model_costs(p, mode, metrics["device"]))
         run.set_tags({"backbone": p.train.backbone, "weights": p.train.weights, "device": metrics["device"],
+                      "weights_label": weights_label(p.train.weights),
                       "amp": metrics["amp"],
                       "data_hash": read_json(p.paths.processed / "card.json")["data_hash"]})
         out = p.paths.train / mode

@@ -30,19 +30,22 @@ class Backbone:
         head: dotted path of the final ``nn.Linear`` (replaced by a new one per task).
         stages: the trunk's stages, first to last, each a tuple of dotted module
             paths; ``freeze_stages: k`` freezes the first k.
+        min_image_size: the smallest input side the architecture accepts (its poolings
+            shrink smaller inputs to nothing).
     """
 
     name: str
     build: Callable[[], nn.Module]
     head: str
     stages: tuple[tuple[str, ...], ...]
+    min_image_size: int = 16
 
 
-def _resnet(depth: int) -> Callable[[], nn.Module]:
+def _torchvision(arch: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision.models as tvm
 
-        return getattr(tvm, f"resnet{depth}")(weights=None)
+        return getattr(tvm, arch)(weights=None)
 
     return build
 
@@ -61,12 +64,39 @@ def _blocks(*groups: Sequence[int]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(f"_blocks.{i}" for i in g) for g in groups)
 
 
+def _vgg_stages(batch_norm: bool) -> tuple[tuple[str, ...], ...]:
+    """VGG-16's five conv blocks (paths into ``features``, each block ends at a max pool), then
+    the two hidden ``Linear`` layers of ``classifier``."""
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]  # "D"
+    stages, block, i = [], [], 0
+    for v in cfg:
+        if v == "M":
+            stages.append(tuple(block))
+            block, i = [], i + 1
+        else:  # conv [, bn], relu
+            block += [f"features.{i}"] + ([f"features.{i + 1}"] if batch_norm else [])
+            i += 3 if batch_norm else 2
+    return (*stages, ("classifier.0",), ("classifier.3",))
+
+
 _RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+# AlexNet: its five convolutions (``features``), then the two hidden Linear layers.
+_ALEXNET_STAGES = (("features.0",), ("features.3",), ("features.6",), ("features.8",), ("features.10",),
+                   ("classifier.1",), ("classifier.4",))
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("resnet18", _resnet(18), "fc", _RESNET_STAGES),
+        # The classifier of AlexNet and VGG is a Sequential: its last Linear is the head, so the
+        # features are the 4096 outputs of the last hidden layer (after ReLU, before the head).
+        Backbone("alexnet", _torchvision("alexnet"), "classifier.6", _ALEXNET_STAGES, min_image_size=63),
+        Backbone("vgg16", _torchvision("vgg16"), "classifier.6", _vgg_stages(batch_norm=False),
+                 min_image_size=32),
+        Backbone("vgg16_bn", _torchvision("vgg16_bn"), "classifier.6", _vgg_stages(batch_norm=True),
+                 min_image_size=32),
+        Backbone("resnet18", _torchvision("resnet18"), "fc", _RESNET_STAGES),
+        Backbone("resnet34", _torchvision("resnet34"), "fc", _RESNET_STAGES),
+        Backbone("resnet50", _torchvision("resnet50"), "fc", _RESNET_STAGES),
         Backbone(
             "efficientnet_lite0", _efficientnet_lite(0), "_fc",
             (("_conv_stem", "_bn0"),

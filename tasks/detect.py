@@ -33,7 +33,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from cvpipe.io import atomic_write_bytes, atomic_write_text, read_json, write_json
+from cvpipe.io import (ChecksumError, atomic_write_bytes, atomic_write_text, read_json, verify_file,
+                       write_json)
 from cvpipe.params import DetectParams, Params
 from tasks.download import DETECTOR_FILES, MANIFEST
 from tasks.preprocess import IMAGE_SUFFIXES, read_image
@@ -150,6 +151,7 @@ def check_detector(detector_dir: Path, model: str) -> None:
 
     Raises:
         FileNotFoundError: a file is missing, or the manifest names another model.
+        ChecksumError: a file differs from the digest in the manifest (truncated or modified).
     """
     hint = "run `cvpipe download` (or `dvc repro download`) with the same detect.model"
     missing = [f for f in (*DETECTOR_FILES, MANIFEST) if not (detector_dir / f).is_file()]
@@ -158,6 +160,14 @@ def check_detector(detector_dir: Path, model: str) -> None:
     found = read_json(detector_dir / MANIFEST).get("model")
     if found != model:
         raise FileNotFoundError(f"{detector_dir} holds {found} files but detect.model is {model}: {hint}")
+    # OpenCV reads a truncated Darknet weights file without complaint (the missing weights stay
+    # uninitialised), so the pinned digests are checked here.
+    for name, entry in read_json(detector_dir / MANIFEST).get("files", {}).items():
+        if entry.get("sha256"):
+            try:
+                verify_file(detector_dir / name, entry["sha256"], name=f"{model} {name}")
+            except ChecksumError as err:
+                raise ChecksumError(f"{err} (truncated or modified): {hint}") from None
 
 
 def with_layer_threshold(cfg: str, threshold: float) -> str:

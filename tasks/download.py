@@ -138,7 +138,14 @@ EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdba
 def _torchvision_weights(backbone: str):
     import torchvision.models as tvm
 
-    return {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[backbone]
+    return {
+        "alexnet": tvm.AlexNet_Weights.IMAGENET1K_V1,
+        "vgg16": tvm.VGG16_Weights.IMAGENET1K_V1,
+        "vgg16_bn": tvm.VGG16_BN_Weights.IMAGENET1K_V1,
+        "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+        "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
+        "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
+    }[backbone]
 
 
 def download_backbone(tp: TrainParams, out_dir: Path, dp: DownloadParams) -> dict:

