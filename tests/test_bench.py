@@ -1,0 +1,67 @@
+"""The benchmark's code runs end to end on the tiny profile and reports finite numbers for both variants.
+
+Nothing here is timed against a target: CI does not benchmark (issue 6).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BEGIN, END, report, run, write_markdown
+from bench.suite import table_rows
+
+FAST_PARTS = ["feature_extractor", "fine_tune", "detect", "memory"]  # orchestration starts Prefect: ~1 min
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return run("tiny", FAST_PARTS, tmp_path_factory.mktemp("bench"))
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values)
+
+
+def test_feature_extractor_both_variants(tiny):
+    a = tiny["feature_extractor"]
+    assert _finite(a["seed_seconds"], a["ours_seconds"], a["speedup"], a["ours_feature_images_per_s"])
+    assert a["seed_seconds"] > 0 and a["ours_seconds"] > 0
+    assert 0 <= a["seed_acc"] <= 1 and 0 <= a["ours_acc"] <= 1
+    assert (a["n_train"], a["n_test"], a["epochs"]) == (40, 20, 2)
+
+
+def test_fine_tune_both_variants(tiny):
+    b = tiny["fine_tune"]
+    assert _finite(b["seed_images_per_s"], b["ours_images_per_s"], b["speedup"])
+    assert b["seed_images_per_s"] > 0 and b["ours_images_per_s"] > 0
+    assert 0 <= b["seed_acc"] <= 1 and 0 <= b["ours_acc"] <= 1
+
+
+def test_detect_both_variants_find_the_same_photos(tiny):
+    c = tiny["detect"]
+    assert _finite(c["raw_forward_images_per_s"], c["seed_images_per_s"], c["ours_images_per_s"],
+                   c["fraction_of_raw"], c["fraction_of_raw_without_load"])
+    assert c["images"] == 2
+    assert set(c["ours_seconds"]) == {"preprocess", "forward", "postprocess", "draw"}
+
+
+def test_memory_probe_reads_peak_rss(tiny):
+    e = tiny["memory"]
+    assert e["images"] == 2000 and e["steps"] == 1
+    # the generated set alone is 2000 x 3 x 32 x 32 bytes; the peak holds it, the model and a step
+    assert e["peak_rss_mb"] >= e["rss_after_model_mb"] >= e["rss_after_data_mb"] > 0
+    assert math.isclose(e["dataset_mb"], 2000 * 3 * 32 * 32 / 2**20)
+
+
+def test_table_and_markdown_block(tiny, tmp_path: Path):
+    rows = table_rows(tiny)
+    assert len(rows) == 8 and all(len(r) == 7 for r in rows)  # a: 2, b: 2, c: 3, e: 1 (no d)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\nintro\n\n{BEGIN}\nold\n{END}\n\n## Notes\nkept\n")
+    write_markdown(md, report(tiny))
+    text = md.read_text()
+    assert "old" not in text and "intro" in text and "## Notes\nkept" in text
+    assert text.count(BEGIN) == 1 and "| a. feature extractor" in text and "peak RSS MiB" in text
