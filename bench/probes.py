@@ -1,6 +1,6 @@
 """Measurements that need a process of their own (run as ``python -m bench.probes <name> ...``).
 
-``memory``: peak RSS (``ru_maxrss``) of our fine_tune training path on a generated
+``memory``: peak RSS (``VmHWM``) of our fine_tune training path on a generated
 CIFAR-10-sized uint8 set. ``flow``: Prefect's overhead around a trivial stage.
 Each prints one JSON object on its last line.
 """
