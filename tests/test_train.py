@@ -172,7 +172,8 @@ def test_backbone_head_stages_and_freezing(name):
         freeze(model, spec, len(spec.stages) + 1)
 
     model.eval()
-    x = torch.randn(2, 3, 32, 32)
+    size = max(32, spec.min_image_size)
+    x = torch.randn(2, 3, size, size)
     assert model(x).shape == (2, 7)
     assert forward_features(model, spec, x).shape == (2, head.in_features)
     assert get_head(model, spec) is head  # restored after feature extraction
