@@ -78,6 +78,13 @@ def _run(flow_fn, params: Path, **kwargs) -> Any:
         raise typer.Exit(1) from None
 
 
+def _run_stage(flow_fn, params: Path, set_: list[str] | None, **kwargs) -> Any:
+    """Parse and validate ``--set`` overrides, then run one stage's flow."""
+    ov = _overrides(set_)
+    _check(params, ov)
+    return _run(flow_fn, params, overrides=ov or None, **kwargs)
+
+
 @app.callback()
 def main() -> None:
     """Run `cvpipe COMMAND --help` for the options of each command."""
@@ -87,22 +94,18 @@ def main() -> None:
 @app.command()
 def download(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Fetch and verify the dataset, classifier weights, detector files and sample photos."""
-    ov = _overrides(set_)
-    _check(params, ov)
     from flows.download import download_flow
 
-    facts = _run(download_flow, params, overrides=ov or None)
+    facts = _run_stage(download_flow, params, set_)
     typer.echo(f"download: {facts}")
 
 
 @app.command()
 def preprocess(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Turn the raw dataset into uint8 train/val/test arrays and a dataset card."""
-    ov = _overrides(set_)
-    _check(params, ov)
     from flows.preprocess import preprocess_flow
 
-    card = _run(preprocess_flow, params, overrides=ov or None)
+    card = _run_stage(preprocess_flow, params, set_)
     typer.echo(f"preprocess: {card['dataset']}: {card['counts']} ({len(card['classes'])} classes)")
 
 
@@ -117,22 +120,18 @@ def train(
 
     if mode not in MODES:
         raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--mode")
-    ov = _overrides(set_)
-    _check(params, ov)
     from flows.train import train_flow
 
-    metrics = _run(train_flow, params, overrides=ov or None, mode=mode)
+    metrics = _run_stage(train_flow, params, set_, mode=mode)
     typer.echo(f"train[{mode}]: {_short(metrics)}")
 
 
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Test accuracy, per-class accuracy, confusion matrices and accuracy curves of the trained models."""
-    ov = _overrides(set_)
-    _check(params, ov)
     from flows.evaluate import evaluate_flow
 
-    metrics = _run(evaluate_flow, params, overrides=ov or None)
+    metrics = _run_stage(evaluate_flow, params, set_)
     typer.echo(f"evaluate: {_short(metrics)}")
 
 
@@ -143,11 +142,9 @@ def detect(
     set_: SetOpt = None,
 ) -> None:
     """Batch object detection with YOLOv3 (OpenCV DNN): JSONL, COCO JSON, CSV and annotated images."""
-    ov = _overrides(set_)
-    _check(params, ov)
     from flows.detect import detect_flow
 
-    summary = _run(detect_flow, params, overrides=ov or None, input=input)
+    summary = _run_stage(detect_flow, params, set_, input=input)
     typer.echo(f"detect: {_short(summary)}")
 
 
