@@ -8,7 +8,9 @@ the dotted key in the message.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import reprlib
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +25,10 @@ class _Strict(BaseModel):
 
 
 class Paths(_Strict):
+    """Where every stage reads and writes. Outputs stay inside the project (the folder of the
+    params file) unless ``allow_outside`` is true: DVC refuses outputs outside its repository."""
+
+    allow_outside: bool = False
     raw: Path
     cache: Path
     processed: Path
@@ -34,6 +40,10 @@ class Paths(_Strict):
     evaluate: Path
     detect: Path
     compare: Path
+
+    def outputs(self) -> dict[str, Path]:
+        """Every path field (all of them are written by some stage)."""
+        return {k: v for k, v in self if isinstance(v, Path)}
 
 
 class MlflowParams(_Strict):
@@ -48,6 +58,21 @@ class DataParams(_Strict):
     imagefolder: Path
 
 
+class Source(_Strict):
+    """A file at a URL with its pinned sha256."""
+
+    url: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Yolov3Sources(_Strict):
+    """Where the full YOLOv3 Darknet files come from (defaults: the official Darknet release)."""
+
+    cfg: Source
+    weights: Source
+    names: Source
+
+
 class DownloadParams(_Strict):
     retries: int = Field(ge=1, le=20)
     backoff_s: float = Field(ge=0)
@@ -56,7 +81,8 @@ class DownloadParams(_Strict):
     cifar10_md5: str = Field(pattern=r"^[0-9a-f]{32}$")
     samples: list[str]
     sample_scale: float | None = Field(default=None, gt=0, le=1)
-    sample_canvas: tuple[int, int]
+    sample_canvas: tuple[Annotated[int, Field(ge=16, le=10_000)], Annotated[int, Field(ge=16, le=10_000)]]
+    yolov3: Yolov3Sources
 
 
 class PreprocessParams(_Strict):
@@ -72,17 +98,17 @@ class TrainParams(_Strict):
     modes: list[Literal["feature_extractor", "fine_tune"]] = Field(min_length=1)
     image_size: int = Field(ge=16, le=1024)
     interpolation: Literal["bilinear", "bicubic", "nearest"]
-    batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1, le=100_000)
+    epochs: int = Field(ge=1, le=100_000)
+    lr: float = Field(gt=0, le=10, allow_inf_nan=False)
     bn_momentum: float | None = Field(default=None, gt=0, le=1)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     hflip: bool
     vflip: bool
     feature_augment: Literal["none", "flips"]
-    freeze_stages: int = Field(ge=0)
-    fine_tune_epochs: int | None = Field(default=None, ge=1)
+    freeze_stages: int = Field(ge=0, le=64)
+    fine_tune_epochs: int | None = Field(default=None, ge=1, le=100_000)
     resume: bool
     amp: Literal["auto", "bf16", "off"]
     channels_last: bool
@@ -129,10 +155,11 @@ class DetectParams(_Strict):
     annotations: Path | None = None
     save_images: bool
     jpeg_quality: int = Field(ge=1, le=100)
+    max_pixels: int = Field(ge=1, le=2**31)
 
 
 class Params(_Strict):
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**32 - 1)  # numpy and scikit-learn take 32-bit seeds
     device: Literal["auto", "cpu", "cuda"]
     paths: Paths
     mlflow: MlflowParams
@@ -142,6 +169,24 @@ class Params(_Strict):
     train: TrainParams
     evaluate: EvaluateParams
     detect: DetectParams
+
+    def confined_to(self, *roots: Path) -> "Params":
+        """Check that every ``paths`` entry lies inside one of ``roots`` (unless ``paths.allow_outside``).
+
+        Relative paths are taken against the working directory, as the stages use them.
+
+        Raises:
+            ParamsError: one line per path outside every root.
+        """
+        if self.paths.allow_outside:
+            return self
+        roots = tuple(r.resolve() for r in roots)
+        bad = [f"  paths.{k}: {v} is outside the project {roots[0]} (set paths.allow_outside: true to allow)"
+               for k, v in self.paths.outputs().items()
+               if not any(v.resolve().is_relative_to(r) for r in roots)]
+        if bad:
+            raise ParamsError("\n".join(["invalid parameters:", *bad]))
+        return self
 
 
 class ParamsError(ValueError):
@@ -157,13 +202,50 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {key}: missing")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {_short_repr(e.get('input'))})")
     return "\n".join(lines)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value may be huge: never print it whole)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxdict = 6
+    r.maxlevel = 2
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _NoAliasSafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*ref`` lets a few kilobytes expand to gigabytes
+    ("billion laughs"), and a parameters file has no use for it."""
+
+    def compose_node(self, parent, index):  # noqa: D102 - PyYAML hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed here",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parse YAML with the safe loader, no aliases and no custom tags.
+
+    Raises:
+        ParamsError: one line saying where the YAML is wrong (syntax, alias, ``!!python/...`` tag).
+    """
+    try:
+        return yaml.load(text, Loader=_NoAliasSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"invalid YAML in {source}{where}: {_short_repr(problem, 160)}") from None
 
 
 def parse_value(text: str) -> Any:
     """Parse a command-line override value the way YAML would ("3" -> 3, "null" -> None)."""
-    return yaml.safe_load(text)
+    return safe_yaml(text, f"--set value {_short_repr(text)}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -193,8 +275,7 @@ def read_raw(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"parameters file not found: {path.resolve()}")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh)
+    raw = safe_yaml(path.read_text(), str(path))
     if not isinstance(raw, dict):
         raise ParamsError(f"invalid parameters in {path}: the top level must be a mapping")
     return raw
@@ -221,7 +302,8 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None
     raw = read_raw(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return validate(raw, str(path))
+    # The project: the working directory (where the stages and DVC run) or the params file's folder.
+    return validate(raw, str(path)).confined_to(Path.cwd(), Path(path).resolve().parent)
 
 
 def write_overrides(path: str | Path, overrides: dict[str, Any]) -> None:

@@ -78,16 +78,48 @@ def read_cifar10_binary(archive: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return tx, ty, vx, vy, classes
 
 
-def read_image(path: Path) -> np.ndarray:
+#: Default pixel limit (width x height) of one image; ``detect.max_pixels`` sets it for detection.
+MAX_PIXELS = 100_000_000
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) read from the file's header without decoding its pixels; None when Pillow
+    does not know the format (OpenCV may still decode it, under its own 2^30-pixel limit)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Image.DecompressionBombError:
+        return (2 * Image.MAX_IMAGE_PIXELS + 1, 1)  # Pillow refused it: larger than any sane limit
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image as RGB uint8 (H, W, 3): grayscale, RGBA and 16-bit are converted.
 
+    The size is read from the header first: an image of more than ``max_pixels`` pixels is
+    refused before any pixel is decoded (a small PNG can decode to gigabytes).
+
     Raises:
-        ValueError: the file is empty, unreadable or not an image.
+        ValueError: the file is empty, too large, unreadable or not an image.
+        OSError: the file cannot be opened (missing, a directory, a symlink loop...).
     """
     import cv2
 
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory", str(path))
     if path.stat().st_size == 0:
         raise ValueError("empty file")
+    size = header_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ValueError(f"{size[0]}x{size[1]} image: over the limit of {max_pixels:,} pixels")
     data = np.fromfile(path, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
