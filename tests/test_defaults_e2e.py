@@ -1,0 +1,314 @@
+"""The seed's defaults end to end: `cvpipe run` with the default params.yaml, every asset served in
+its real format from an HTTP server on 127.0.0.1.
+
+Served: a small archive in the official CIFAR-10 binary format, a torchvision ResNet-18 state dict
+(weights from a URL with sha256), the full YOLOv3 network (the layer structure of Darknet's
+``cfg/yolov3.cfg``, with generated weights of exactly the size that structure needs) and an 80-line
+``coco.names``. Only the URLs and checksums, the input set of ``detect`` and the size of the data
+differ from the defaults; the run goes through Prefect (the CLI's stage table), DVC (``dvc status``
+clean afterwards) and MLflow (one run per training mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT, make_cifar10_archive
+
+pytestmark = pytest.mark.slow
+
+#: Darknet's data/coco.names, in file order.
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa",
+    "pottedplant", "bed", "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+YOLOV3_ANCHORS = "10,13,  16,30,  33,23,  30,61,  62,45,  59,119,  116,90,  156,198,  373,326"
+#: Size in bytes of the official yolov3.weights: a 20-byte header and 62,001,757 float32 values.
+YOLOV3_WEIGHTS_BYTES = 248_007_048
+#: The generated network's first head (13 x 13 cells, the largest anchors) is sure of this class
+#: everywhere; the other two heads see nothing. Decoding must find exactly this class.
+PLANTED_CLASS = 15  # "cat"
+
+# --------------------------------------------------------------------------- the full YOLOv3 network
+
+
+def yolov3_cfg(classes: int = 80) -> str:
+    """The layer structure of Darknet's ``cfg/yolov3.cfg``, as text in the Darknet cfg format.
+
+    Darknet-53 (52 convolutional layers with 23 residual shortcuts, five stride-2 downsamplings)
+    and three detection heads at strides 32, 16 and 8; the second and third upsample the previous
+    head and concatenate layers 61 and 36 of the backbone. 75 convolutional layers and 3 ``[yolo]``
+    layers in all (107 layers), with the official anchors and masks.
+    """
+    out = ["[net]\n# Testing\n# batch=1\n# subdivisions=1\n# Training\nbatch=64\nsubdivisions=16\n"
+           "width=608\nheight=608\nchannels=3\nmomentum=0.9\ndecay=0.0005\nangle=0\nsaturation = 1.5\n"
+           "exposure = 1.5\nhue=.1\n\nlearning_rate=0.001\nburn_in=1000\nmax_batches = 500200\n"
+           "policy=steps\nsteps=400000,450000\nscales=.1,.1\n"]
+
+    def conv(filters: int, size: int, stride: int = 1, bn: bool = True) -> None:
+        out.append("[convolutional]\n" + ("batch_normalize=1\n" if bn else "")
+                   + f"filters={filters}\nsize={size}\nstride={stride}\npad=1\n"
+                   + f"activation={'leaky' if bn else 'linear'}\n")
+
+    conv(32, 3)
+    for channels, blocks in ((64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)):
+        conv(channels, 3, stride=2)  # downsample
+        for _ in range(blocks):
+            conv(channels // 2, 1)
+            conv(channels, 3)
+            out.append("[shortcut]\nfrom=-3\nactivation=linear\n")
+    for head, (channels, mask, skip) in enumerate(((512, "6,7,8", None), (256, "3,4,5", 61), (128, "0,1,2", 36))):
+        if skip is not None:
+            out.append("[route]\nlayers = -4\n")
+            conv(channels, 1)
+            out.append("[upsample]\nstride=2\n")
+            out.append(f"[route]\nlayers = -1, {skip}\n")
+        for _ in range(3):
+            conv(channels, 1)
+            conv(channels * 2, 3)
+        conv(3 * (5 + classes), 1, bn=False)
+        out.append(f"[yolo]\nmask = {mask}\nanchors = {YOLOV3_ANCHORS}\nclasses={classes}\nnum=9\n"
+                   "jitter=.3\nignore_thresh = .7\ntruth_thresh = 1\nrandom=1\n")
+    return "\n".join(out)
+
+
+def darknet_sections(cfg: str) -> list[tuple[str, dict[str, str]]]:
+    """``[(section type, {key: value})]`` of a Darknet cfg, ``[net]`` included."""
+    sections: list[tuple[str, dict[str, str]]] = []
+    for line in cfg.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("["):
+            sections.append((line.strip("[]"), {}))
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            sections[-1][1][key.strip()] = value.strip()
+    return sections
+
+
+def write_darknet_weights(cfg: str, path: Path, planted_class: int, seed: int = 0) -> None:
+    """A Darknet weights file for ``cfg``: header (major, minor, revision as int32, images seen as
+    int64, version 0.2), then per convolutional layer in order: with batch norm, biases, scales,
+    rolling means and rolling variances, else biases; then the kernel, all float32.
+
+    Kernels are small random values, batch norm is the identity (scale 1, mean 0, variance 1).
+    The output convolutions have zero kernels and biases that make the first head report
+    ``planted_class`` with objectness x class probability of about 0.99 in every cell, and the
+    other heads nothing.
+    """
+    rng = np.random.default_rng(seed)
+    layers = darknet_sections(cfg)[1:]
+    channels: list[int] = []
+    c_in, heads_seen = 3, 0
+    with open(path, "wb") as fh:
+        fh.write(np.array([0, 2, 0], np.int32).tobytes() + np.array([0], np.int64).tobytes())
+        for i, (kind, kv) in enumerate(layers):
+            if kind == "convolutional":
+                filters, size = int(kv["filters"]), int(kv["size"])
+                n_kernel = filters * c_in * size * size
+                if kv.get("batch_normalize") == "1":
+                    fh.write(np.zeros(filters, np.float32).tobytes())  # biases
+                    fh.write(np.ones(filters, np.float32).tobytes())  # scales
+                    fh.write(np.zeros(filters, np.float32).tobytes())  # rolling means
+                    fh.write(np.ones(filters, np.float32).tobytes())  # rolling variances
+                    std = 0.5 * np.sqrt(2.0 / (c_in * size * size))
+                    fh.write((rng.standard_normal(n_kernel, np.float32) * std).astype(np.float32).tobytes())
+                else:  # an output convolution, read by the [yolo] layer that follows it
+                    bias = np.zeros((3, filters // 3), np.float32)
+                    bias[:, 4] = 6.0 if heads_seen == 0 else -10.0  # objectness
+                    bias[:, 5:] = -6.0
+                    bias[:, 5 + planted_class] = 6.0
+                    heads_seen += 1
+                    fh.write(bias.tobytes())
+                    fh.write(np.zeros(n_kernel, np.float32).tobytes())
+                c_in = filters
+            elif kind == "route":
+                refs = [int(x) for x in kv["layers"].split(",")]
+                c_in = sum(channels[r if r >= 0 else i + r] for r in refs)
+            channels.append(c_in)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def serve_yolov3(root: Path) -> dict[str, Path]:
+    """Write yolov3.cfg, yolov3.weights and coco.names into ``root``; {params key: file}."""
+    files = {"cfg": root / "yolov3.cfg", "weights": root / "yolov3.weights", "names": root / "coco.names"}
+    cfg = yolov3_cfg()
+    files["cfg"].write_text(cfg)
+    write_darknet_weights(cfg, files["weights"], PLANTED_CLASS)
+    files["names"].write_text("\n".join(COCO_NAMES) + "\n")
+    return files
+
+
+def test_generated_yolov3_is_the_full_network_and_opencv_runs_it(tmp_path):
+    """The served detector has YOLOv3's structure and weight count; OpenCV reads it and the
+    project's decoding finds the planted class at 416 px."""
+    from tasks.detect import forward, load_detector, make_blob, postprocess
+
+    det_dir = tmp_path / "detector"
+    det_dir.mkdir()
+    files = serve_yolov3(det_dir)
+    for name, ours in (("cfg", "model.cfg"), ("weights", "model.weights"), ("names", "classes.txt")):
+        files[name].rename(det_dir / ours)
+    sections = darknet_sections((det_dir / "model.cfg").read_text())
+    kinds = [k for k, _ in sections[1:]]
+    assert len(kinds) == 107 and kinds.count("convolutional") == 75 and kinds.count("shortcut") == 23
+    assert kinds.count("route") == 4 and kinds.count("upsample") == 2
+    yolo = [kv for k, kv in sections if k == "yolo"]
+    assert [kv["mask"] for kv in yolo] == ["6,7,8", "3,4,5", "0,1,2"]
+    assert all(kv["anchors"] == YOLOV3_ANCHORS and kv["classes"] == "80" for kv in yolo)
+    assert [kv["layers"] for k, kv in sections[1:] if k == "route"] == ["-4", "-1, 61", "-4", "-1, 36"]
+    assert [i for i, k in enumerate(kinds) if k == "yolo"] == [82, 94, 106]
+    assert (det_dir / "model.weights").stat().st_size == YOLOV3_WEIGHTS_BYTES
+    assert len((det_dir / "classes.txt").read_text().splitlines()) == 80
+
+    det = load_detector(det_dir, conf_threshold=0.6)
+    assert det.output_names == ["yolo_82", "yolo_94", "yolo_106"] and det.classes[PLANTED_CLASS] == "cat"
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    outs = forward(det, make_blob([image], 416))
+    assert [o.shape for o in outs] == [(507, 85), (2028, 85), (8112, 85)]
+    assert all(np.isfinite(o).all() for o in outs)
+    (dets,) = postprocess(outs, np.array([[400, 300]]), len(det.classes), 0.6, 0.5)
+    assert len(dets.scores) > 0 and set(dets.class_ids.tolist()) == {PLANTED_CLASS}
+    assert (dets.boxes[:, :2] >= 0).all() and (dets.boxes[:, 0] + dets.boxes[:, 2] <= 400 + 1e-6).all()
+
+
+# --------------------------------------------------------------------------- cvpipe run on the defaults
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_cvpipe_run_with_the_seed_defaults(tmp_path, http_root):
+    """`cvpipe run` on a fresh copy of the project with the default params, except the sources
+    (served on 127.0.0.1), their checksums and ``detect.input`` (four of the sample photos)."""
+    import torch
+    import torchvision
+
+    from tests.test_dvc import clone_project
+
+    root, base = http_root
+    # CIFAR-10: 5 x 20 training and 20 test images (the split carves a stratified val set of
+    # 10% from train, which needs at least one image per class: 100 training images at least).
+    _, _, test_x, test_y = make_cifar10_archive(root / "cifar-10-binary.tar.gz", per_batch=20, n_test=20)
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(resnet, root / "resnet18.pth")
+    yolo = serve_yolov3(root)
+    overrides = {
+        "download.cifar10_url": f"{base}/cifar-10-binary.tar.gz",
+        "download.cifar10_md5": hashlib.md5((root / "cifar-10-binary.tar.gz").read_bytes()).hexdigest(),
+        "train.weights": f"{base}/resnet18.pth",
+        "train.weights_sha256": sha256(root / "resnet18.pth"),
+        **{f"download.yolov3.{k}.url": f"{base}/{f.name}" for k, f in yolo.items()},
+        **{f"download.yolov3.{k}.sha256": sha256(f) for k, f in yolo.items()},
+        "detect.input": "data/samples/c*.jpg",  # chelsea and coffee, photo and scene: 4 images
+    }
+
+    (tmp_path / "clone").mkdir()
+    repo = clone_project(tmp_path / "clone")
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def run(*args: str, timeout: int = 1200) -> str:
+        r = subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        return r.stdout
+
+    t0 = time.perf_counter()
+    out = run(str(bin_dir / "cvpipe"), "run", *(a for k, v in overrides.items() for a in ("--set", f"{k}={v}")))
+    print(f"cvpipe run: {time.perf_counter() - t0:.1f} s\n{out}")
+
+    # The defaults, except the keys above.
+    ran_with = _flat(yaml.safe_load((repo / "params.yaml").read_text()))
+    defaults = _flat(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert {k for k in defaults if ran_with[k] != defaults[k]} <= set(overrides)
+    assert all(ran_with[k] == v for k, v in overrides.items())
+    # The served coco.names is byte for byte the official file: its sha256 is the default pin.
+    assert overrides["download.yolov3.names.sha256"] == defaults["download.yolov3.names.sha256"]
+    assert (ran_with["data.dataset"], ran_with["train.backbone"], ran_with["train.image_size"],
+            ran_with["detect.model"]) == ("cifar10", "resnet18", 224, "yolov3")
+
+    # Every stage ran through the Prefect pipeline flow.
+    for stage in ("download", "preprocess", "train@feature_extractor", "train@fine_tune", "detect", "evaluate"):
+        line = next((ln for ln in out.splitlines() if ln.startswith(f"  {stage} ")), "")
+        assert line.split()[1:2] == ["ran"], out
+
+    # CIFAR-10 binary archive parsed: official test split kept, 10% of train carved out for val.
+    card = json.loads((repo / "data/processed/card.json").read_text())
+    assert card["dataset"] == "cifar10" and card["classes"] == CIFAR10_CLASSES
+    assert card["counts"] == {"train": 90, "val": 10, "test": 20}
+    with np.load(repo / "data/processed/test.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["x"], test_x)
+        np.testing.assert_array_equal(z["y"], test_y)
+
+    # The ResNet-18 state dict from the URL is the backbone both modes started from.
+    assert sha256(repo / "models/backbone/weights.pth") == overrides["train.weights_sha256"]
+    fe = torch.load(repo / "outputs/train/feature_extractor/model.pt", map_location="cpu", weights_only=True)
+    assert fe["backbone"] == "resnet18" and fe["image_size"] == 224
+    for k, v in resnet.items():
+        if not k.startswith("fc."):
+            assert torch.equal(fe["state_dict"][k], v), k  # frozen backbone: unchanged
+    assert fe["state_dict"]["fc.weight"].shape == (10, 512)
+
+    # Both training modes: resnet18 at 224 px for the default 5 epochs, logged to MLflow.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns/mlflow.db'}")
+    exp = client.get_experiment_by_name("cvpipe")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
+    assert sorted(r.data.tags["mode"] for r in runs) == ["feature_extractor", "fine_tune"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.params["train.backbone"] == "resnet18" and r.data.params["train.image_size"] == "224"
+        assert r.data.tags["weights"] == overrides["train.weights"]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2, 3, 4, 5]
+        metrics = json.loads((repo / f"outputs/train/{r.data.tags['mode']}/metrics.json").read_text())
+        assert metrics["backbone"] == "resnet18" and metrics["epochs"] == 5
+
+    # evaluate: both modes scored on the 20 test images.
+    ev = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+    for mode in ("feature_extractor", "fine_tune"):
+        assert ev[mode]["n_test"] == 20 and 0.0 <= ev[mode]["test_acc"] <= 1.0
+
+    # The full YOLOv3 from its URLs, imported by OpenCV and decoded: every input processed.
+    manifest = json.loads((repo / "models/detector/manifest.json").read_text())
+    assert manifest["model"] == "yolov3"
+    assert {n: f["source"] for n, f in manifest["files"].items()} == {
+        "model.cfg": f"{base}/yolov3.cfg", "model.weights": f"{base}/yolov3.weights",
+        "classes.txt": f"{base}/coco.names"}
+    dm = json.loads((repo / "outputs/detect/metrics.json").read_text())
+    assert (dm["inputs"], dm["images"], dm["failures"]) == (4, 4, 0), dm
+    assert dm["detections"] > 0 and set(dm["per_class"]) == {"cat"}, dm
+    assert json.loads((repo / "outputs/detect/failures.json").read_text()) == []
+    records = [json.loads(ln) for ln in (repo / "outputs/detect/detections.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["path"]).name for r in records) == [
+        "chelsea.jpg", "chelsea_scene.jpg", "coffee.jpg", "coffee_scene.jpg"]
+    assert all(r["detections"] for r in records)
+
+    # DVC agrees: nothing is stale after the run.
+    status = run(sys.executable, "-m", "dvc", "status")
+    assert "up to date" in status, status
