@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
@@ -9,7 +10,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cvpipe.params import DetectParams, Params, load_params
 from cvpipe.tracking import flatten, stage_run
-from tasks.detect import FAILURES, METRICS, ShardResult, collect_task, detect_shard_task, plan_task
+from tasks.detect import FAILURES, METRICS, ShardResult, collect_task, detect_shard_task, plan_task, staged_outputs
 
 
 def task_runner(dp: DetectParams) -> TaskRunner:
@@ -26,10 +27,11 @@ def task_runner(dp: DetectParams) -> TaskRunner:
 
 
 @flow(name="detect-shards")
-def detect_shards(p: Params) -> list[ShardResult]:
-    """List and shard the inputs, then run one ``detect-shard`` task per shard on this flow's
-    task runner (the shards stay out of the flow's parameters, which the Prefect API stores)."""
-    shards, images_dir = plan_task(p)
+def detect_shards(p: Params, staging: Path) -> list[ShardResult]:
+    """List and shard the inputs and create ``staging``, then run one ``detect-shard`` task per
+    shard on this flow's task runner, annotated images going to ``staging`` (the shards stay
+    out of the flow's parameters, which the Prefect API stores)."""
+    shards, images_dir = plan_task(p, staging)
     futures = detect_shard_task.map(shards, detector_dir=unmapped(p.paths.detector.resolve()),
                                     dp=unmapped(p.detect), images_dir=unmapped(images_dir),
                                     shard=range(len(shards)), of=unmapped(len(shards)))
@@ -39,12 +41,17 @@ def detect_shards(p: Params) -> list[ShardResult]:
 @flow(name="detect", log_prints=True)
 def detect_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
                 input: str | None = None) -> dict:
-    """Detect objects in every input image with YOLOv3; ``input`` overrides ``detect.input``."""
+    """Detect objects in every input image with YOLOv3; ``input`` overrides ``detect.input``.
+
+    The outputs are written into a staging folder and replace ``paths.detect`` as one set
+    once all are written; a failure leaves the previous set as it was.
+    """
     overrides = {**(overrides or {}), **({"detect.input": input} if input is not None else {})}
     p = load_params(params_file, overrides)
     with stage_run(p, "detect") as run:
-        results = detect_shards.with_options(task_runner=task_runner(p.detect))(p)
-        summary = collect_task(p, results)
+        with staged_outputs(p.paths.detect) as staging:
+            results = detect_shards.with_options(task_runner=task_runner(p.detect))(p, staging)
+            summary = collect_task(p, results, staging)
         run.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
         run.log_artifact(p.paths.detect / METRICS)
         run.log_artifact(p.paths.detect / FAILURES)

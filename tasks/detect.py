@@ -10,6 +10,12 @@ the outputs are written once, from the merged shard results.
 Outputs (under ``paths.detect``): ``detections.jsonl``, ``coco_results.json``,
 ``detections.csv``, ``failures.json``, ``metrics.json`` and, when
 ``detect.save_images``, annotated JPEGs in ``images/``.
+
+The outputs are one set: a run writes all of them into a staging folder next to
+``paths.detect`` and swaps it in only when every file is written, so a reader never
+sees files of two runs, and a failed run (a bad shard, a full disk, a kill) leaves the
+previous set as it was. The stage replaces ``paths.detect`` as a whole, so it refuses a
+folder holding anything it did not write, and inputs that lie inside it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import csv
+import errno
 import glob
 import io
 import json
+import os
 import re
+import secrets
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,7 +45,7 @@ from tqdm import tqdm
 
 from cvpipe.io import (ChecksumError, atomic_write_bytes, atomic_write_text, read_json, verify_file,
                        write_json)
-from cvpipe.params import DetectParams, Params
+from cvpipe.params import DetectParams, Params, ParamsError
 from tasks.download import DETECTOR_FILES, MANIFEST
 from tasks.preprocess import IMAGE_SUFFIXES, read_image
 
@@ -45,6 +55,11 @@ COCO_RESULTS = "coco_results.json"
 CSV_FILE = "detections.csv"
 FAILURES = "failures.json"
 METRICS = "metrics.json"
+OUTPUT_FILES = (DETECTIONS, COCO_RESULTS, CSV_FILE, FAILURES, METRICS)
+DVC_GITIGNORE = ".gitignore"  # DVC lists the outputs it tracks in this folder's .gitignore
+STAGING, ASIDE = "staging", "old"  # sibling folders ".<name>.staging-<hex>" and ".<name>.old-<hex>"
+#: a temporary file left by cvpipe.io.atomic_path (".<name>.<random>.tmp") when a run was killed
+ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 
 #: COCO category id of each of the 80 Darknet ``coco.names`` classes, in file order
 #: (the ids the official COCO annotation files use; 91 ids with gaps).
@@ -93,41 +108,54 @@ class Detector(NamedTuple):
 def list_inputs(spec: str) -> list[Path]:
     """The images named by ``detect.input``.
 
+    An entry named like an image that is not a readable file (a directory called
+    ``x.jpg``, a symbolic link loop, a dangling link) is still an input, so it becomes a
+    failure with its reason instead of vanishing without a record.
+
     Args:
-        spec: a folder (its files with an image suffix, sorted, not recursive), a ``.txt``
+        spec: a folder (its entries with an image suffix, sorted, not recursive), a ``.txt``
             file (one path per line; blank lines and ``#`` comments skipped; relative paths
             are relative to the list file's folder; every listed path is an input, so a
-            missing one becomes a failure), or a glob (``**`` recursive; a plain file path
-            is a glob that matches itself).
+            missing one becomes a failure), or a glob (``**`` recursive; the files it
+            matches and the other entries with an image suffix; a plain file path is a glob
+            that matches itself).
 
     Raises:
         FileNotFoundError: nothing matches ``spec``.
     """
     src = Path(spec)
     if src.is_dir():
-        paths = sorted(f for f in src.iterdir()
-                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(f for f in src.iterdir() if not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
     elif src.suffix.lower() == ".txt" and src.is_file():
         lines = (ln.strip() for ln in src.read_text().splitlines())
         paths = [src.parent / ln for ln in lines if ln and not ln.startswith("#")]
     else:
-        paths = [Path(f) for f in sorted(glob.glob(spec, recursive=True)) if Path(f).is_file()]
+        paths = [Path(f) for f in sorted(glob.glob(spec, recursive=True))
+                 if Path(f).is_file() or Path(f).suffix.lower() in IMAGE_SUFFIXES]
     if not paths:
         raise FileNotFoundError(f"detect.input {spec!r}: no images found (expected a folder, a .txt list or a glob)")
     return paths
 
 
 def plan_inputs(paths: list[Path]) -> list[InputImage]:
-    """Number the inputs and give each a unique annotated-image name (``<stem>.jpg``, or
-    ``<stem>_<image_id>.jpg`` when an earlier input has the same stem)."""
+    """Number the inputs and give each an annotated-image name unique within the run.
+
+    The name is ``<stem>.jpg``; when an earlier input already took it, ``<stem>_<image_id>.jpg``,
+    then ``<stem>_<image_id>_2.jpg``... (``x/a_3.jpg``, ``x/a.jpg``, ``y/a.jpg`` give ``a_3.jpg``,
+    ``a.jpg``, ``a_3_2.jpg``). Names are compared case-insensitively, as a macOS or Windows
+    disk would. Paths are made absolute without failing: a symbolic link loop stays an
+    input, and reading it is what fails.
+    """
     seen: set[str] = set()
     items = []
     for i, path in enumerate(paths, start=1):
-        name = f"{path.stem}.jpg"
-        if name in seen:
-            name = f"{path.stem}_{i}.jpg"
-        seen.add(name)
-        items.append(InputImage(i, str(path), str(path.resolve()), name))
+        name, k = f"{path.stem}.jpg", 1
+        while name.casefold() in seen:
+            name = f"{path.stem}_{i}.jpg" if k == 1 else f"{path.stem}_{i}_{k}.jpg"
+            k += 1
+        seen.add(name.casefold())
+        # os.path.realpath, unlike Path.resolve, returns a looping link unresolved instead of raising
+        items.append(InputImage(i, str(path), os.path.realpath(path), name))
     return items
 
 
@@ -342,7 +370,10 @@ class ShardResult(NamedTuple):
 
 
 def failure_reason(err: BaseException) -> str:
-    """A short reason for a file that could not be read ("empty file", "No such file or directory")."""
+    """A short reason for a file that could not be read ("empty file", "No such file or directory",
+    "is a directory", "symbolic link loop")."""
+    if isinstance(err, OSError) and err.errno == errno.ELOOP:
+        return "symbolic link loop"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err).strip() or type(err).__name__
@@ -358,7 +389,8 @@ def detect_shard(items: list[InputImage], detector_dir: Path, dp: DetectParams,
     Args:
         items: the shard's inputs.
         detector_dir: folder with model.cfg, model.weights and classes.txt.
-        dp: the ``detect`` parameters (input_size, batch_size, thresholds, jpeg_quality).
+        dp: the ``detect`` parameters (input_size, batch_size, thresholds, jpeg_quality,
+            max_pixels: a larger image is a failure, refused from its header before decoding).
         images_dir: where annotated JPEGs go; None to draw nothing.
         shard, of: position of this shard, for the progress bar.
     """
@@ -374,7 +406,7 @@ def detect_shard(items: list[InputImage], detector_dir: Path, dp: DetectParams,
             good, images = [], []
             for item in batch:
                 try:
-                    images.append(read_image(Path(item.file)))
+                    images.append(read_image(Path(item.file), max_pixels=dp.max_pixels))
                     good.append(item)
                 except (ValueError, OSError, cv2.error) as err:
                     failures.append({"image_id": item.image_id, "path": item.path, "reason": failure_reason(err)})
@@ -498,7 +530,7 @@ def summarize(results: list[ShardResult], records: list[dict], failures: list[di
 
 def write_outputs(out_dir: Path, records: list[dict], failures: list[dict], results: list[dict],
                   summary: dict) -> None:
-    """Write every output file of the stage atomically."""
+    """Write every output file of the stage into ``out_dir`` (the staging folder), each atomically."""
     atomic_write_text(out_dir / DETECTIONS, "".join(json.dumps(r) + "\n" for r in records))
     write_json(out_dir / COCO_RESULTS, results)
     atomic_write_text(out_dir / CSV_FILE, detections_csv(records))
@@ -506,27 +538,230 @@ def write_outputs(out_dir: Path, records: list[dict], failures: list[dict], resu
     write_json(out_dir / METRICS, summary)
 
 
+# --------------------------------------------------------------------------- the output set
+
+
+class OutputConflict(ParamsError):
+    """``paths.detect`` cannot be replaced without loss: it holds entries this stage did not
+    write, or inputs lie inside it."""
+
+
+class DiskFull(OSError):
+    """The disk filled up while the outputs were staged; the previous outputs are intact.
+
+    An ``OSError`` with ``errno.ENOSPC``, so code that recognises a full disk still does; its
+    text is the message alone, without the ``[Errno 28]`` prefix.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _atomic_leftover(name: str) -> str | None:
+    """The file name a killed atomic write was for (``.<name>.<random>.tmp``); None for other names."""
+    m = ATOMIC_TMP.match(name)
+    return m["name"] if m else None
+
+
+def annotated_names(out_dir: Path) -> set[str]:
+    """The annotated-image file names that ``out_dir/detections.jsonl`` refers to; empty when
+    the file is missing or unreadable."""
+    names = set()
+    try:
+        with open(out_dir / DETECTIONS, encoding="utf-8") as fh:
+            for line in filter(str.strip, fh):
+                rec = json.loads(line)
+                annotated = rec.get("annotated") if isinstance(rec, dict) else None
+                if isinstance(annotated, str) and annotated.startswith(f"{IMAGES_DIR}/"):
+                    names.add(annotated.removeprefix(f"{IMAGES_DIR}/"))
+    except (OSError, ValueError):  # missing, unreadable or not JSON lines: it vouches for nothing
+        return set()
+    return names
+
+
+def foreign_entries(folder: Path, manifest: bool = True) -> list[str]:
+    """The entries of an output folder that this stage did not write, relative to it
+    (folders end with ``/``).
+
+    Ours are the output files, ``images/`` holding ``.jpg`` files, DVC's ``.gitignore`` and
+    the temporary files of a killed atomic write. With ``manifest``, an image must also be
+    named in ``detections.jsonl``: a user's photo in ``images/`` is not ours.
+    """
+    def label(entry: Path, prefix: str = "") -> str:
+        return f"{prefix}{entry.name}/" if entry.is_dir() else f"{prefix}{entry.name}"
+
+    foreign = []
+    images = folder / IMAGES_DIR
+    own_images = images.is_dir() and not images.is_symlink()
+    for entry in sorted(folder.iterdir()):
+        name = _atomic_leftover(entry.name) or entry.name
+        ours = (entry == images and own_images) or (entry.is_file() and name in (*OUTPUT_FILES, DVC_GITIGNORE))
+        if not ours:
+            foreign.append(label(entry))
+    if own_images:
+        listed = annotated_names(folder) if manifest else None
+        for entry in sorted(images.iterdir()):
+            annotated = entry.suffix == ".jpg" and (listed is None or entry.name in listed)
+            if not (entry.is_file() and (annotated or _atomic_leftover(entry.name) is not None)):
+                foreign.append(label(entry, f"{IMAGES_DIR}/"))
+    return foreign
+
+
+def check_inputs_outside(items: list[InputImage], out_dir: Path) -> None:
+    """Refuse inputs inside ``out_dir``: each run replaces that folder, inputs included.
+
+    Raises:
+        OutputConflict: naming the output folder and the first inputs inside it.
+    """
+    roots = {Path(os.path.abspath(out_dir)), Path(os.path.realpath(out_dir))}
+    inside = [it.path for it in items
+              if any(Path(f).is_relative_to(r) for f in (os.path.abspath(it.path), it.file) for r in roots)]
+    if inside:
+        raise OutputConflict(
+            f"detect.input: {len(inside)} of the {len(items)} inputs lie inside the output folder paths.detect "
+            f"{out_dir} ({_listing(inside, 3)}), which each run replaces as a whole; copy them elsewhere or set "
+            "paths.detect to another folder")
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that the stage cannot replace without losing someone's files.
+
+    Raises:
+        OutputConflict: ``out_dir`` is not a folder, or holds entries this stage did not write (named).
+    """
+    if not os.path.lexists(out_dir):
+        return
+    if not Path(out_dir).is_dir():
+        raise OutputConflict(f"paths.detect {out_dir} is not a folder: set paths.detect to a folder of its own")
+    foreign = foreign_entries(Path(out_dir))
+    if foreign:
+        raise OutputConflict(
+            f"paths.detect {out_dir} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this stage "
+            f"did not write ({_listing(foreign)}); each detect run replaces that folder as a whole, so move them "
+            "out or set paths.detect to a folder of its own")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh name ``.<name>.<kind>-<hex>`` next to ``out`` (same file system, so renames are atomic)."""
+    return out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+
+
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """The existing ``.<name>.<kind>-*`` folders next to ``out``."""
+    prefix = f".{out.name}.{kind}-"
+    if not out.parent.is_dir():
+        return []
+    return sorted(e for e in out.parent.iterdir() if e.name.startswith(prefix) and e.is_dir() and not e.is_symlink())
+
+
+def recover_outputs(out_dir: Path, keep: Path | None = None) -> None:
+    """Repair what a run killed while staging or publishing left behind.
+
+    When ``out_dir`` is missing but a previous set was put aside (a kill between the two
+    renames of :func:`publish_outputs`), that set is restored. Leftover staging and put-aside
+    folders are then removed, except ``keep`` and any holding something this stage did not write.
+    """
+    out = Path(os.path.realpath(out_dir))
+    asides = _leftovers(out, ASIDE)
+    if asides and not os.path.lexists(out):
+        newest = max(asides, key=lambda d: d.stat().st_mtime)
+        os.rename(newest, out)
+        asides.remove(newest)
+    for folder in (*_leftovers(out, STAGING), *asides):
+        if (keep is None or folder.name != keep.name) and not foreign_entries(folder, manifest=False):
+            shutil.rmtree(folder)
+
+
+def publish_outputs(staging: Path, out_dir: Path) -> None:
+    """Swap the complete set in ``staging`` in as ``out_dir``, then remove the previous set.
+
+    DVC's ``.gitignore`` of the previous set is carried over. A kill between the two renames
+    leaves ``out_dir`` missing and the previous set aside, which :func:`recover_outputs` restores.
+
+    Raises:
+        OutputConflict: ``out_dir`` gained entries this stage did not write while the run went on.
+    """
+    check_output_folder(out_dir)
+    out = Path(os.path.realpath(out_dir))
+    if (out / DVC_GITIGNORE).is_file():
+        atomic_write_bytes(staging / DVC_GITIGNORE, (out / DVC_GITIGNORE).read_bytes())
+    aside = None
+    if os.path.lexists(out):
+        aside = _sibling(out, ASIDE)
+        os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, out)
+        raise
+    if aside is not None:
+        # what cannot be removed now (a busy file on a network disk) goes in the next run's recovery
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh staging folder next to ``out_dir`` (:func:`plan` creates it); publish it
+    when the block ends normally, remove it when the block fails, so the previous set stays.
+
+    Raises:
+        DiskFull: the disk filled up (ENOSPC) while the set was written.
+    """
+    staging = _sibling(Path(os.path.realpath(out_dir)), STAGING)
+    try:
+        yield staging
+        publish_outputs(staging, out_dir)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DiskFull(errno.ENOSPC, f"disk full while writing detection outputs to {out_dir}; "
+                           "the previous outputs are intact", str(out_dir)) from err
+        raise
+    finally:
+        if staging.is_dir():  # not published: this run's partial set goes
+            shutil.rmtree(staging)
+
+
 # --------------------------------------------------------------------------- stage
 
 
-def plan(p: Params) -> tuple[list[list[InputImage]], Path | None]:
-    """List and shard the inputs, check the detector files and reset ``images/``.
+def plan(p: Params, staging: Path) -> tuple[list[list[InputImage]], Path | None]:
+    """Check the detector, list and shard the inputs, check ``paths.detect``, create ``staging``.
+
+    Nothing is written or removed before every check has passed, except the leftovers of a
+    killed run (:func:`recover_outputs`).
+
+    Args:
+        p: the parameters.
+        staging: the staging folder to create (from :func:`staged_outputs`).
 
     Returns:
-        (shards, images_dir), the folder None when ``detect.save_images`` is false.
+        (shards, images_dir): ``images_dir`` is ``staging/images``, None when ``detect.save_images``
+        is false.
+
+    Raises:
+        OutputConflict: inputs inside ``paths.detect``, or entries there this stage did not write.
     """
     check_detector(p.paths.detector, p.detect.model)
-    shards = split_shards(plan_inputs(list_inputs(p.detect.input)), p.detect.shards)
-    images_dir = p.paths.detect.resolve() / IMAGES_DIR
-    shutil.rmtree(images_dir, ignore_errors=True)  # annotations of a previous input set must not linger
-    if not p.detect.save_images:
-        return shards, None
-    images_dir.mkdir(parents=True)
-    return shards, images_dir
+    items = plan_inputs(list_inputs(p.detect.input))
+    check_inputs_outside(items, p.paths.detect)
+    recover_outputs(p.paths.detect, keep=staging)
+    check_output_folder(p.paths.detect)
+    staging.mkdir(parents=True)
+    images_dir = staging / IMAGES_DIR if p.detect.save_images else None
+    if images_dir is not None:
+        images_dir.mkdir()
+    return split_shards(items, p.detect.shards), images_dir
 
 
-def collect(p: Params, shard_results: list[ShardResult]) -> dict:
-    """Merge the shards, evaluate against ``detect.annotations`` when given, write the outputs.
+def collect(p: Params, shard_results: list[ShardResult], staging: Path) -> dict:
+    """Merge the shards, evaluate against ``detect.annotations`` when given, write the outputs
+    into ``staging`` (:func:`staged_outputs` publishes them).
 
     Returns:
         The summary written to ``metrics.json``.
@@ -536,7 +771,7 @@ def collect(p: Params, shard_results: list[ShardResult]) -> dict:
     summary = summarize(shard_results, records, failures)
     if p.detect.annotations is not None:
         summary.update(coco_map(results, records, p.detect.annotations))
-    write_outputs(p.paths.detect, records, failures, results, summary)
+    write_outputs(staging, records, failures, results, summary)
     return summary
 
 

