@@ -68,3 +68,11 @@ def test_repro_download_preprocess_offline_then_noop_then_only_changed(repo):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Running stage 'preprocess'" in r.stdout and "Running stage 'download'" not in r.stdout, r.stdout
     assert read_json(repo / "data/processed/card.json")["counts"]["val"] == 288
+
+    # A user's photo in the samples folder survives a forced `dvc repro` of download: the outputs
+    # are `persist`, so DVC does not delete them first, and the stage removes only what it wrote.
+    (repo / "data/samples/holiday.jpg").write_bytes(b"a user's photo")
+    r = _run(dvc + ["repro", "--force", "--single-item", "download"], repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Running stage 'download'" in r.stdout, r.stdout
+    assert (repo / "data/samples/holiday.jpg").read_bytes() == b"a user's photo"
