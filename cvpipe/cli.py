@@ -1,16 +1,25 @@
 """The ``cvpipe`` command line: one command per stage, plus the whole pipeline.
 
 Every command reads params.yaml (``--params``) and accepts ``--set key=value``
-overrides (dotted keys, YAML values), validated before any work starts.
+overrides (dotted keys, YAML values), validated before any work starts and before the
+heavy imports (Prefect, MLflow, torch), so a typo fails in a fraction of a second.
+
+Commands that run stages or write params.yaml (download, preprocess, train, evaluate,
+detect, run, sweep) hold the project lock (:mod:`cvpipe.lock`) while they work: a second
+one in the same project exits at once with one line naming the running one. ``compare``
+and ``predict`` only read, and ``serve`` mostly waits for its schedule: they take no lock.
+An error the user can act on is printed as one ``error: ...`` line (exit code 1, or 2 for
+invalid parameters), never a traceback.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -29,39 +38,90 @@ SetOpt = Annotated[
 ]
 
 
-def _prepare_env() -> None:
-    """Keep Prefect's state inside the project unless the user chose otherwise."""
-    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    # The temporary server's telemetry service phones home (unreachable offline) and races the
-    # first start-up's database writes ("database is locked"); it has no use here.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # A fresh PREFECT_HOME runs all database migrations on first start: 20 s (the default) is not
-    # enough on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+def _fail(message: str, code: int) -> NoReturn:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
-    from cvpipe.params import parse_value
+    from cvpipe.errors import one_line
+    from cvpipe.params import ParamsError, parse_value
 
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        out[key.strip()] = parse_value(value)
+        try:
+            out[key.strip()] = parse_value(value)
+        except ParamsError as err:
+            _fail(f"error: --set {key.strip()}: {one_line(str(err))}", 2)
     return out
+
+
+def _blame(params: Path, overrides: dict[str, Any]) -> str:
+    """What to name in an invalid-parameters message: the ``--set`` keys that caused it, the file, or both."""
+    from pydantic import ValidationError
+
+    from cvpipe.params import Params, ParamsError, apply_overrides, read_raw
+
+    try:
+        Params.model_validate(apply_overrides(read_raw(params), overrides))
+        return str(params)
+    except (ValidationError, ParamsError) as err:
+        bad = [".".join(str(p) for p in e["loc"]) for e in err.errors()] if isinstance(err, ValidationError) else []
+
+    def covers(key: str, loc: str) -> bool:  # a model-level error is reported on the section ("train")
+        return loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")
+
+    blamed = [k for k in overrides if any(covers(k, loc) for loc in bad)]
+    if not blamed:
+        return str(params)
+    sets = ", ".join(f"--set {k}" for k in blamed)
+    return sets if all(any(covers(k, loc) for k in blamed) for loc in bad) else f"{params} and {sets}"
 
 
 def _check(params: Path, overrides: dict[str, Any]) -> None:
     """Validate parameters before starting Prefect, so a typo fails in a second, not after server start-up."""
-    from cvpipe.params import ParamsError, load_params
+    from cvpipe.errors import one_line
+    from cvpipe.params import ParamsError, apply_overrides, load_params, read_raw, validate
 
     try:
         load_params(params, overrides)
     except ParamsError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        message = str(err)
+        source = _blame(params, overrides) if overrides else str(params)
+        if source != str(params):
+            try:
+                validate(apply_overrides(read_raw(params), overrides), source)
+            except ParamsError as blamed:
+                message = str(blamed)
+        _fail(f"error: {one_line(message)}", 2)
+
+
+@contextlib.contextmanager
+def _project_lock(wait: bool = False) -> Iterator[None]:
+    """Hold the project lock (see :mod:`cvpipe.lock`) or exit with one line naming its holder."""
+    from cvpipe.lock import ProjectBusy, ProjectLock
+
+    def waiting(holder) -> None:
+        typer.echo(f"waiting for another cvpipe command in this project: {holder.describe()}", err=True)
+
+    try:
+        lock = ProjectLock(Path.cwd()).acquire(wait=wait, on_wait=waiting)
+    except ProjectBusy as err:
+        _fail(f"error: {err}", 1)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _flow(stage: str):
+    """A stage's flow, imported only when it is about to run (the import takes seconds)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
 
 
 def _run(flow_fn, params: Path, **kwargs) -> Any:
@@ -78,34 +138,37 @@ def _run(flow_fn, params: Path, **kwargs) -> Any:
         raise typer.Exit(1) from None
 
 
-def _run_stage(flow_fn, params: Path, set_: list[str] | None, **kwargs) -> Any:
-    """Parse and validate ``--set`` overrides, then run one stage's flow."""
+def _run_stage(stage: str, params: Path, set_: list[str] | None, **kwargs) -> Any:
+    """Parse and validate ``--set`` overrides, take the project lock, then run one stage's flow."""
     ov = _overrides(set_)
     _check(params, ov)
-    return _run(flow_fn, params, overrides=ov or None, **kwargs)
+    with _project_lock():
+        return _run(_flow(stage), params, overrides=ov or None, **kwargs)
 
 
 @app.callback()
 def main() -> None:
     """Run `cvpipe COMMAND --help` for the options of each command."""
-    _prepare_env()
+    from cvpipe.prefect_home import prepare_env, stop_orphaned_servers
+
+    prepare_env(Path.cwd())
+    stopped = stop_orphaned_servers(Path.cwd())
+    if stopped:
+        typer.echo(f"cvpipe: stopped {len(stopped)} Prefect temporary server(s) left running by a killed "
+                   f"cvpipe command (pid {', '.join(map(str, stopped))})", err=True)
 
 
 @app.command()
 def download(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Fetch and verify the dataset, classifier weights, detector files and sample photos."""
-    from flows.download import download_flow
-
-    facts = _run_stage(download_flow, params, set_)
+    facts = _run_stage("download", params, set_)
     typer.echo(f"download: {facts}")
 
 
 @app.command()
 def preprocess(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Turn the raw dataset into uint8 train/val/test arrays and a dataset card."""
-    from flows.preprocess import preprocess_flow
-
-    card = _run_stage(preprocess_flow, params, set_)
+    card = _run_stage("preprocess", params, set_)
     typer.echo(f"preprocess: {card['dataset']}: {card['counts']} ({len(card['classes'])} classes)")
 
 
@@ -120,18 +183,14 @@ def train(
 
     if mode not in MODES:
         raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--mode")
-    from flows.train import train_flow
-
-    metrics = _run_stage(train_flow, params, set_, mode=mode)
+    metrics = _run_stage("train", params, set_, mode=mode)
     typer.echo(f"train[{mode}]: {_short(metrics)}")
 
 
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Test accuracy, per-class accuracy, confusion matrices and accuracy curves of the trained models."""
-    from flows.evaluate import evaluate_flow
-
-    metrics = _run_stage(evaluate_flow, params, set_)
+    metrics = _run_stage("evaluate", params, set_)
     typer.echo(f"evaluate: {_short(metrics)}")
 
 
@@ -142,9 +201,7 @@ def detect(
     set_: SetOpt = None,
 ) -> None:
     """Batch object detection with YOLOv3 (OpenCV DNN): JSONL, COCO JSON, CSV and annotated images."""
-    from flows.detect import detect_flow
-
-    summary = _run_stage(detect_flow, params, set_, input=input)
+    summary = _run_stage("detect", params, set_, input=input)
     typer.echo(f"detect: {_short(summary)}")
 
 
@@ -152,33 +209,37 @@ def detect(
 def run(
     profile: Annotated[Optional[str], typer.Option(help="Apply profiles/<name>.yaml to params.yaml first (e.g. offline).")] = None,
     force: Annotated[bool, typer.Option(help="Run every stage, even those DVC reports up to date.")] = False,
+    wait: Annotated[bool, typer.Option(help="If another cvpipe command is running in this project, wait for it instead of exiting.")] = False,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Run the whole DAG; stages DVC reports up to date are skipped, dvc.lock is updated after each stage.
 
     --profile and --set write their values into params.yaml (as `dvc exp run -S` does), so that
-    `dvc repro` afterwards sees the parameters that ran.
+    `dvc repro` afterwards sees the parameters that ran. They are written only once this command
+    holds the project lock, so a running command never sees params.yaml change under it.
     """
+    from cvpipe.errors import one_line
     from cvpipe.params import ParamsError, write_overrides
 
     ov = {}
     if profile:
         ov.update(_profile(profile))
     ov.update(_overrides(set_))
-    if ov:
-        try:
-            write_overrides(params, ov)
-        except ParamsError as err:
-            typer.secho(str(err), fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-        typer.echo(f"params: wrote {', '.join(f'{k}={v}' for k, v in ov.items())} into {params}")
-    _check(params, {})
-    from flows.pipeline import pipeline_flow
+    _check(params, ov)
+    with _project_lock(wait):
+        if ov:
+            try:
+                write_overrides(params, ov)
+            except ParamsError as err:
+                _fail(f"error: {one_line(str(err))}", 2)
+            typer.echo(f"params: wrote {', '.join(f'{k}={v}' for k, v in ov.items())} into {params}")
+            _check(params, {})
+        from flows.pipeline import pipeline_flow
 
-    t0 = time.perf_counter()
-    rows = _run(pipeline_flow, params, force=force)
-    total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = _run(pipeline_flow, params, force=force)
+        total = time.perf_counter() - t0
     typer.echo("")
     for r in rows:
         typer.echo(f"  {r['stage']:<26} {r['status']:<8} {r['seconds']:>7.1f} s")
@@ -196,6 +257,8 @@ def serve(
     """Serve the whole pipeline on a cron schedule (Prefect `serve`); runs until interrupted.
 
     Point PREFECT_API_URL at a running `prefect server start` to see the runs in Prefect's UI.
+    The scheduled runs do not take the project lock (Prefect starts them in processes of its
+    own): do not run other cvpipe commands in this project while a scheduled run is due.
     """
     _check(params, {})
     from prefect import serve as prefect_serve
@@ -295,35 +358,36 @@ def sweep(
     _check(params, ov)
     for b in names:
         _check(params, {**ov, "train.backbone": b})
-    from cvpipe.compare import format_table, run_row
-    from cvpipe.params import load_params
-    from cvpipe.tracking import configure
-    from flows.download import download_flow
-    from flows.evaluate import evaluate_flow
-    from flows.preprocess import preprocess_flow
-    from flows.train import train_flow
-    from tasks.evaluate import model_run_id
+    with _project_lock():
+        from cvpipe.compare import format_table, run_row
+        from cvpipe.params import load_params
+        from cvpipe.tracking import configure
+        from flows.download import download_flow
+        from flows.evaluate import evaluate_flow
+        from flows.preprocess import preprocess_flow
+        from flows.train import train_flow
+        from tasks.evaluate import model_run_id
 
-    base = load_params(params, ov)
-    root = base.paths.train / "sweep"
-    shared = {**ov, "paths.processed": str(root / "processed"), "paths.features": str(root / "features")}
-    per_backbone = {b: {**shared, "train.backbone": b, "paths.backbone": str(root / b / "weights"),
-                        "paths.train": str(root / b / "train"), "paths.evaluate": str(root / b / "evaluate")}
-                    for b in names}
-    for i, (b, ovb) in enumerate(per_backbone.items()):
-        typer.echo(f"sweep: {b} ({i + 1}/{len(names)})")
-        _run(download_flow, params, overrides=ovb)
-        if i == 0:  # the data are the same for every backbone
-            _run(preprocess_flow, params, overrides=ovb)
-        for mode in base.train.modes:
-            _run(train_flow, params, overrides=ovb, mode=mode)
-        _run(evaluate_flow, params, overrides=ovb)
-    client, _ = configure(base)
-    rows = [run_row(client.get_run(model_run_id(load_params(params, ovb), mode)))
-            for ovb in per_backbone.values() for mode in base.train.modes]
-    typer.echo("")
-    typer.echo(format_table(rows))
-    typer.echo(f"\noutputs under {root}; all runs: cvpipe compare")
+        base = load_params(params, ov)
+        root = base.paths.train / "sweep"
+        shared = {**ov, "paths.processed": str(root / "processed"), "paths.features": str(root / "features")}
+        per_backbone = {b: {**shared, "train.backbone": b, "paths.backbone": str(root / b / "weights"),
+                            "paths.train": str(root / b / "train"), "paths.evaluate": str(root / b / "evaluate")}
+                        for b in names}
+        for i, (b, ovb) in enumerate(per_backbone.items()):
+            typer.echo(f"sweep: {b} ({i + 1}/{len(names)})")
+            _run(download_flow, params, overrides=ovb)
+            if i == 0:  # the data are the same for every backbone
+                _run(preprocess_flow, params, overrides=ovb)
+            for mode in base.train.modes:
+                _run(train_flow, params, overrides=ovb, mode=mode)
+            _run(evaluate_flow, params, overrides=ovb)
+        client, _ = configure(base)
+        rows = [run_row(client.get_run(model_run_id(load_params(params, ovb), mode)))
+                for ovb in per_backbone.values() for mode in base.train.modes]
+        typer.echo("")
+        typer.echo(format_table(rows))
+        typer.echo(f"\noutputs under {root}; all runs: cvpipe compare")
 
 
 def _profile(name: str) -> dict[str, Any]:

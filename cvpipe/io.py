@@ -8,11 +8,12 @@ file that a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,53 @@ import numpy as np
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
+    The temporary file is created with the usual mode (0666 less the umask, as ``open`` does),
+    not ``mkstemp``'s 0600: the outputs are data the user shares and versions.
     On an exception the temporary file is removed and ``path`` is left untouched.
+
+    Raises:
+        OSError: ``errno.ENOSPC`` (or ``EDQUOT``) naming ``path`` when the disk filled up while writing it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temporary(path, suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as err:
+        if _disk_full(err, path.parent):
+            code = err.errno if isinstance(err, OSError) else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path, suffix: str) -> Path:
+    """Create ``.<name>.<random>.tmp<suffix>`` next to ``path`` (mode 0666 & ~umask), closed."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """True when ``err`` comes from a full disk: ENOSPC / EDQUOT, or a writer that lost the errno
+    (torch.save raises a RuntimeError) while the file system has no space left."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(err, RuntimeError):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cvpipe import MODES
+from cvpipe.errors import UserError
 from cvpipe.io import CorruptFile, atomic_path, file_hash, load_npz, read_json, save_npz, write_json
 from cvpipe.params import Params, TrainParams
 from tasks.backbones import (
@@ -78,12 +79,21 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
+class DeviceUnavailable(UserError, RuntimeError):
+    """The ``device`` asked for is not available on this machine."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a fallback."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a fallback.
+
+    Raises:
+        DeviceUnavailable: ``cuda`` was asked for and torch sees no CUDA device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but torch sees no CUDA device (use auto or cpu)")
+        raise DeviceUnavailable("device: cuda was requested but torch sees no CUDA device "
+                                "(set device: auto or cpu, or run on a machine with a GPU)")
     return torch.device(name)
 
 
@@ -342,10 +352,18 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers, never arbitrary objects).
 
     Raises:
-        CorruptFile: the file is truncated or not a PyTorch file (the message names it).
+        CorruptFile: the file is truncated, not a PyTorch file, or holds pickled Python objects
+            (the message names it).
     """
+    import pickle
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running the file's code: never repeat it.
+        raise CorruptFile(f"{path}: not a plain state dict: it holds pickled Python objects, which are "
+                          "refused (they could run code); save only tensors and plain containers "
+                          "(torch.save(model.state_dict(), path))") from None
     except (RuntimeError, EOFError, ValueError) as err:
         raise CorruptFile(f"{path}: not a readable PyTorch file, truncated or corrupt "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
@@ -356,11 +374,21 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild the classifier saved in ``model.pt`` (uint8 images in, logits out), in eval mode.
 
     Raises:
-        CorruptFile: ``path`` is truncated or not a PyTorch file.
+        CorruptFile: ``path`` is truncated, not a PyTorch file, or not a model written by ``train``.
     """
     ckpt = load_torch(path, map_location)
-    net = build_model(ckpt["backbone"], len(ckpt["classes"]))
-    net.load_state_dict(ckpt["state_dict"])
+    keys = ("backbone", "classes", "state_dict", "image_size", "mean", "std", "interpolation")
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
+    if missing:
+        raise CorruptFile(f"{path}: not a model written by `cvpipe train` (missing {', '.join(missing)}); "
+                          "run `cvpipe train` to write it again")
+    try:
+        net = build_model(ckpt["backbone"], len(ckpt["classes"]))
+        net.load_state_dict(ckpt["state_dict"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CorruptFile(f"{path}: its weights do not fit a {ckpt['backbone']} model "
+                          f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); "
+                          "run `cvpipe train` to write it again") from None
     return ImageClassifier(net, ckpt["image_size"], ckpt["mean"], ckpt["std"], ckpt["classes"],
                            ckpt["interpolation"]).eval()
 

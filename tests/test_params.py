@@ -112,3 +112,118 @@ def test_dvc_yaml_refers_only_to_existing_params():
     missing = [k for k in listed if not exists(k)]
     assert not missing, f"dvc.yaml params missing from params.yaml: {missing}"
     assert set(dvc["stages"]) >= {"download", "preprocess"}
+
+
+# --------------------------------------------------------------------------- hostile params files
+
+# Loads a params file in a fresh process under a 2 GB address-space limit; reports how long the
+# load took, how much memory it allocated and what it raised.
+LOAD = """
+import json, resource, sys, time, tracemalloc
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from cvpipe.params import load_params
+tracemalloc.start()
+t0 = time.perf_counter()
+try:
+    load_params(sys.argv[1])
+    error = None
+except BaseException as err:
+    error = f"{type(err).__name__}: {err}"
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "peak_mb": tracemalloc.get_traced_memory()[1] / 2**20, "error": error}))
+"""
+
+
+def _load_in_child(path: Path) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        r = subprocess.run([sys.executable, "-c", LOAD, str(path)], env=env, capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading the params file did not return within 60 s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _billion_laughs(levels: int = 9, width: int = 10) -> str:
+    lines = ["lol0: &lol0 " + "[" + ", ".join(['"lol-lol-lol-lol-lol-lol-lol-lol"'] * width) + "]"]
+    for i in range(1, levels + 1):
+        lines.append(f"lol{i}: &lol{i} [" + ", ".join([f"*lol{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_fails_fast_with_one_line_and_little_memory(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    text = _billion_laughs() + yaml.safe_dump(raw).replace("seed: 42", "seed: *lol9")
+    assert len(text) < 5_000  # that would expand to 10^9 strings
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    res = _load_in_child(path)
+    print(f"billion laughs: {res['seconds'] * 1000:.1f} ms, peak {res['peak_mb']:.1f} MB")
+    assert res["error"] is not None and res["error"].startswith("ParamsError: invalid YAML in ")
+    assert "aliases" in res["error"] and "\n" not in res["error"] and len(res["error"]) < 300
+    assert res["seconds"] < 0.5 and res["peak_mb"] < 50
+
+
+@pytest.mark.parametrize("tag", ["!!python/object:os.system", "!!python/object/new:os.system",
+                                 "!!python/name:os.system", "!custom"])
+def test_custom_tags_are_one_line(tmp_path, tag):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"seed: {tag} ['echo pwned']\n")
+    with pytest.raises(ParamsError, match=r"^invalid YAML in .*params\.yaml \(line 1, column 7\): ") as err:
+        load_params(path)
+    assert "\n" not in str(err.value)
+
+
+def test_huge_value_in_a_bad_key_gives_a_short_message(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["lr"] = "x" * 1_000_000
+    raw["detect"]["input_size"] = list(range(20_000))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert path.stat().st_size > 1_000_000
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert len(msg) < 1024, len(msg)
+    assert re.search(r"^\s*train\.lr: .*\(got 'x{10,}\.\.\.", msg, re.M), msg
+    assert re.search(r"^\s*detect\.input_size: ", msg, re.M), msg
+
+
+@pytest.mark.parametrize("key", ["train", "raw", "compare"])
+def test_paths_outside_the_project_are_refused_naming_the_key(tmp_path, monkeypatch, key):
+    from tests.conftest import write_params
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    params = write_params(project)
+    load_params(params)  # everything inside: fine
+    outside = tmp_path / "elsewhere"
+    with pytest.raises(ParamsError, match=rf"paths\.{key}: {re.escape(str(outside))} is outside the project"):
+        load_params(params, {f"paths.{key}": str(outside)})
+    with pytest.raises(ParamsError, match=rf"paths\.{key}: .* is outside the project"):
+        load_params(params, {f"paths.{key}": "../elsewhere"})
+    assert load_params(params, {f"paths.{key}": str(outside), "paths.allow_outside": True})
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"seed": 10**30}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"train.lr": float("nan")}, "train.lr"),
+    ({"train.lr": float("inf")}, "train.lr"),
+    ({"train.epochs": 10**9}, "train.epochs"),
+    ({"train.freeze_stages": 65}, "train.freeze_stages"),
+    ({"download.sample_canvas": [0, 0]}, "download.sample_canvas.0"),
+    ({"download.sample_canvas": [800, 10**6]}, "download.sample_canvas.1"),
+])
+def test_out_of_range_values_are_refused(overrides, key):
+    with pytest.raises(ParamsError, match=rf"(?m)^\s*{re.escape(key)}: ") as err:
+        load_params(ROOT / "params.yaml", overrides)
+    assert len(str(err.value)) < 400
+    assert load_params(ROOT / "params.yaml", {"seed": 2**32 - 1}).seed == 2**32 - 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -115,3 +117,91 @@ def test_unreadable_images_are_named(tmp_path, content, reason):
     (root / "apple" / "broken.jpg").write_bytes(content)
     with pytest.raises(ValueError, match=rf"broken\.jpg: {reason}"):
         pp.read_imagefolder(root, 16)
+
+
+# --------------------------------------------------------------------------- imagefolder layout and sizes
+
+
+def _imagefolder_params(tmp_path, **pre):
+    return load_params(write_params(tmp_path, {"data.dataset": "imagefolder", "preprocess.image_size": 16,
+                                               **{f"preprocess.{k}": v for k, v in pre.items()}}))
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    _imagefolder(tmp_path / "imagefolder", {"apple": 30})
+    with pytest.raises(pp.DatasetError, match=r"1 class \('apple'\); a classifier needs at least 2 classes"):
+        pp.build_dataset(_imagefolder_params(tmp_path))
+
+
+@pytest.mark.parametrize("nested, n_images", [("x.jpg", 0), ("more/deeper", 3)])
+def test_imagefolder_sub_folders_in_a_class_are_refused_with_their_image_count(tmp_path, nested, n_images):
+    root = tmp_path / "imagefolder"
+    _imagefolder(root, {"apple": 10, "banana": 10})
+    (root / "banana" / nested).mkdir(parents=True)
+    for i in range(n_images):
+        cv2.imwrite(str(root / "banana" / nested / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+    top = nested.split("/")[0]
+    with pytest.raises(pp.DatasetError, match=rf"class folder 'banana' holds a sub-folder '{re.escape(top)}' "
+                                             rf"with {n_images} image\(s\)"):
+        pp.read_imagefolder(root, 16)
+
+
+def test_imagefolder_images_outside_class_folders_are_refused(tmp_path):
+    root = tmp_path / "imagefolder"
+    _imagefolder(root, {"apple": 3, "banana": 3})
+    cv2.imwrite(str(root / "stray.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(pp.DatasetError, match=r"1 image\(s\) directly in the folder \(first: 'stray.png'\)"):
+        pp.read_imagefolder(root, 16)
+
+
+def test_imagefolder_hidden_entries_and_other_files_are_ignored(tmp_path):
+    root = tmp_path / "imagefolder"
+    _imagefolder(root, {"apple": 3, "banana": 3})
+    (root / "apple" / ".thumbs").mkdir()
+    (root / "apple" / "notes.txt").write_text("not an image")
+    (root / ".cache").mkdir()
+    files, y, classes = pp.list_imagefolder(root)
+    assert classes == ["apple", "banana"] and len(files) == 6 and y.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_imagefolder_too_small_for_the_splits_says_how_many_are_needed(tmp_path, monkeypatch):
+    """Checked on the labels, before any image is decoded; the number given is exact: one image
+    less per class fails, that many succeed with every class in train, val and test."""
+    p = _imagefolder_params(tmp_path)
+    need = pp.min_images_per_class(2, [p.preprocess.test_fraction, p.preprocess.val_fraction], p.seed)
+    assert need is not None and need > 2
+    root = tmp_path / "imagefolder"
+    _imagefolder(root, {"apple": need - 1, "banana": need - 1})
+
+    def no_decoding(path, *args, **kw):
+        raise AssertionError("an image was decoded before the split sizes were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(pp, "read_image", no_decoding)
+        with pytest.raises(pp.DatasetError) as info:
+            pp.build_dataset(p)
+    assert str(info.value) == (
+        f"imagefolder {p.data.imagefolder}: too few images for the splits (preprocess.test_fraction=0.2, "
+        f"preprocess.val_fraction=0.1): each of the 2 classes needs at least {need} images; "
+        f"'apple' has {need - 1}, 'banana' has {need - 1}")
+
+    for cls, value in (("apple", 40), ("banana", 200)):
+        cv2.imwrite(str(root / cls / "extra.png"), np.full((20, 24, 3), value, np.uint8))
+    ds = pp.build_dataset(p)
+    for s in pp.SPLITS:
+        assert set(ds.splits[s][1].tolist()) == {0, 1}, s
+
+
+def test_stage_outputs_get_the_usual_file_mode(tmp_path):
+    """The arrays and the card are 0644 under umask 022 (0666 & ~umask, as any new file), not 0600."""
+    import os
+
+    p = load_params(write_params(tmp_path))
+    dl.export_digits(p.paths.raw)
+    old = os.umask(0o022)
+    try:
+        pp.preprocess(p)
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in p.paths.processed.iterdir()}
+    assert modes == {name: "0o644" for name in ("train.npz", "val.npz", "test.npz", pp.CARD)}, modes
