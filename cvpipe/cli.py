@@ -7,7 +7,8 @@ heavy imports (Prefect, MLflow, torch), so a typo fails in a fraction of a secon
 Commands that run stages or write params.yaml (download, preprocess, train, evaluate,
 detect, run, sweep) hold the project lock (:mod:`cvpipe.lock`) while they work: a second
 one in the same project exits at once with one line naming the running one. ``compare``
-and ``predict`` only read, and ``serve`` mostly waits for its schedule: they take no lock.
+and ``predict`` only read: they take no lock; ``serve`` waits for its schedule, and each
+scheduled run takes the lock (inside the pipeline flow).
 An error the user can act on is printed as one ``error: ...`` line (exit code 1, or 2 for
 invalid parameters), never a traceback.
 """
@@ -257,8 +258,8 @@ def serve(
     """Serve the whole pipeline on a cron schedule (Prefect `serve`); runs until interrupted.
 
     Point PREFECT_API_URL at a running `prefect server start` to see the runs in Prefect's UI.
-    The scheduled runs do not take the project lock (Prefect starts them in processes of its
-    own): do not run other cvpipe commands in this project while a scheduled run is due.
+    Each scheduled run takes the project lock for its duration (a run due while another cvpipe
+    command works in the project fails at once, naming it); serving itself holds no lock.
     """
     _check(params, {})
     from prefect import serve as prefect_serve

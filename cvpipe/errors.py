@@ -62,10 +62,12 @@ def user_facing(err: BaseException) -> str | None:
     from cvpipe.params import ParamsError
     from tasks.download import AssetUnavailable
 
+    if isinstance(err, UserError):  # its own message says it best (a full disk included)
+        return f"error: {one_line(str(err))}"
     full = _disk_full(err)
     if full is not None:
         return full
-    if isinstance(err, (ParamsError, UserError, CorruptFile)):
+    if isinstance(err, (ParamsError, CorruptFile)):
         return f"error: {one_line(str(err))}"
     if isinstance(err, (AssetUnavailable, ChecksumError, DvcLockBusy, FileNotFoundError)):
         return f"error: {err}"

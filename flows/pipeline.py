@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -21,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cvpipe.dvc_sync import DvcSync
+from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
 
 _TRAIN_SLOTS: dict[str, threading.Semaphore] = {}
@@ -98,6 +100,13 @@ def pipeline_flow(params_file: str = "params.yaml", force: bool = False) -> list
     Raises:
         The first failing stage's own exception (downstream stages do not run).
     """
+    # A scheduled run (`cvpipe serve`) runs in a process of Prefect's: it takes the project lock
+    # here; under `cvpipe run`, this process holds it already and taking it again only counts up.
+    with ProjectLock(Path.cwd()):
+        return _run_pipeline(params_file, force)
+
+
+def _run_pipeline(params_file: str, force: bool) -> list[dict]:
     p = load_params(params_file)
     t0 = time.perf_counter()
     order: list[tuple[str, Any]] = []

@@ -15,9 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pickle
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cvpipe.io import CorruptFile
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,11 @@ def build_model(name: str, num_classes: int, weights_file: str | Path | None = N
     spec = get_backbone(name)
     model = spec.build()
     if weights_file is not None:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CorruptFile(f"{weights_file}: holds pickled Python objects, not a plain state dict, and was "
+                              "refused; save weights with torch.save(model.state_dict(), path)") from err
         model.load_state_dict(state)
     set_head(model, spec, nn.Linear(get_head(model, spec).in_features, num_classes))
     return model

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from cvpipe.io import (ChecksumError, atomic_write_bytes, atomic_write_text, read_json, verify_file,
                        write_json)
+from cvpipe.errors import UserError
 from cvpipe.params import DetectParams, Params, ParamsError
 from tasks.download import DETECTOR_FILES, MANIFEST
 from tasks.preprocess import IMAGE_SUFFIXES, read_image
@@ -546,7 +547,7 @@ class OutputConflict(ParamsError):
     write, or inputs lie inside it."""
 
 
-class DiskFull(OSError):
+class DiskFull(OSError, UserError):
     """The disk filled up while the outputs were staged; the previous outputs are intact.
 
     An ``OSError`` with ``errno.ENOSPC``, so code that recognises a full disk still does; its

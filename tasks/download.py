@@ -20,6 +20,7 @@ import numpy as np
 import pooch
 from prefect import task
 
+from cvpipe.errors import UserError
 from cvpipe.io import ChecksumError, atomic_path, file_hash, safe_extract, save_npz, verify_file, write_json
 from cvpipe.params import DownloadParams, Params, TrainParams
 
@@ -303,7 +304,7 @@ def place_on_canvas(photo: np.ndarray, scale: float, canvas_wh: tuple[int, int],
     return canvas, (x, y, w, h)
 
 
-class ForeignFile(FileExistsError):
+class ForeignFile(FileExistsError, UserError):
     """A file the stage would overwrite or a manifest it would trust was not written by it."""
 
 

@@ -173,3 +173,19 @@ def test_prefect_server_of_a_killed_command_is_stopped_by_the_next_one(tmp_path)
         cli.wait(timeout=30)
         if server is not None and _running(server):
             os.kill(server, signal.SIGKILL)
+
+
+def test_a_scheduled_pipeline_run_takes_the_project_lock(tmp_path, monkeypatch):
+    """`cvpipe serve` starts each run in a process of Prefect's, outside the CLI: the pipeline flow
+    itself takes the lock, so a run due while another command works fails naming it."""
+    from flows.pipeline import pipeline_flow
+
+    params = write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    proc = _hold(tmp_path)
+    try:
+        with pytest.raises(ProjectBusy, match=rf"pid {proc.pid}, `cvpipe run --set detect.conf_threshold=0.3`"):
+            pipeline_flow.fn(params_file=str(params))
+    finally:
+        proc.kill()
+        proc.wait()
