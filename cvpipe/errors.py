@@ -41,17 +41,21 @@ def _disk_full(err: BaseException) -> str | None:
 
 
 def _pickled(err: BaseException) -> str | None:
-    """The one line for a file refused by ``torch.load(weights_only=True)``, without torch's advice
-    to load it unsafely."""
     import pickle
 
     if not isinstance(err, pickle.UnpicklingError):
         return None
+    return f"error: {pickled_message(err)}"
+
+
+def pickled_message(err: BaseException) -> str:
+    """What to say of a file refused by ``torch.load(weights_only=True)``, without torch's advice
+    to load it unsafely."""
     skip = ("weights only load failed", "please file an issue", "check the documentation", "in pytorch 2.6")
     reasons = [ln.replace("WeightsUnpickler error:", "").strip() for ln in str(err).splitlines()]
     reasons = [r for r in reasons if r and not r.lower().startswith(skip) and "weights_only" not in r]
     reason = f" ({reasons[0][:160]})" if reasons else ""
-    return ("error: a weights file holds pickled Python objects, not a plain state dict, and was refused"
+    return ("a weights file holds pickled Python objects, not a plain state dict, and was refused"
             f"{reason}; use a state dict saved with torch.save(model.state_dict(), path)")
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvpipe.errors import pickled_message
 from cvpipe.io import CorruptFile
 
 
@@ -148,8 +149,7 @@ def build_model(name: str, num_classes: int, weights_file: str | Path | None = N
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise CorruptFile(f"{weights_file}: holds pickled Python objects, not a plain state dict, and was "
-                              "refused; save weights with torch.save(model.state_dict(), path)") from err
+            raise CorruptFile(f"{weights_file}: {pickled_message(err)}") from err
         model.load_state_dict(state)
     set_head(model, spec, nn.Linear(get_head(model, spec).in_features, num_classes))
     return model
