@@ -11,6 +11,29 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_params_text() -> str:
+    """params.yaml as committed (git HEAD), else the working copy.
+
+    The quickstart (`cvpipe run --profile offline`) and `cvpipe run --set` rewrite the working
+    params.yaml: tests start from the project's defaults, never from a user's experiment.
+    """
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout
+    except OSError:
+        pass
+    return DEFAULT_PARAMS.read_text()
+
+
+#: The project's default params.yaml, for tests (see :func:`_default_params_text`).
+DEFAULT_PARAMS = Path(tempfile.mkdtemp(prefix="cvpipe-defaults-")) / "params.yaml"
+DEFAULT_PARAMS.write_text(_default_params_text())
 # Prefect reads PREFECT_HOME at import: keep its state out of the user's home and the project.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cvpipe-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -34,7 +57,7 @@ def shrunk_params(tmp_path: Path, overrides: dict[str, Any] | None = None) -> di
     """
     from cvpipe.params import apply_overrides
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     raw["paths"] = {k: str(tmp_path / v) if isinstance(v, str) else v for k, v in raw["paths"].items()}
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     raw["mlflow"]["artifact_location"] = str(tmp_path / "mlruns" / "artifacts")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, make_cifar10_archive
+from tests.conftest import DEFAULT_PARAMS, ROOT, make_cifar10_archive
 
 pytestmark = pytest.mark.slow
 
@@ -244,7 +244,7 @@ def test_cvpipe_run_with_the_seed_defaults(tmp_path, http_root):
 
     # The defaults, except the keys above.
     ran_with = _flat(yaml.safe_load((repo / "params.yaml").read_text()))
-    defaults = _flat(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    defaults = _flat(yaml.safe_load(DEFAULT_PARAMS.read_text()))
     assert {k for k in defaults if ran_with[k] != defaults[k]} <= set(overrides)
     assert all(ran_with[k] == v for k, v in overrides.items())
     # The served coco.names is byte for byte the official file: its sha256 is the default pin.

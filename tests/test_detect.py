@@ -34,7 +34,7 @@ from tasks.detect import (
     summarize,
     with_layer_threshold,
 )
-from tests.conftest import ROOT, write_params
+from tests.conftest import DEFAULT_PARAMS, ROOT, write_params
 
 CAT, PERSON = 15, 0  # Darknet coco.names indices
 
@@ -253,7 +253,7 @@ def detector_dir(tmp_path_factory) -> Path:
     from tasks.download import download_detector
 
     root = tmp_path_factory.mktemp("detector")
-    dp = load_params(ROOT / "params.yaml").download
+    dp = load_params(DEFAULT_PARAMS).download
     download_detector("yolov3-tiny", root / "models", dp, cache_dir=root / "cache")
     return root / "models"
 
@@ -377,7 +377,7 @@ def test_annotated_images_are_written(shard_run, scene):
 @pytest.mark.slow
 def test_conf_threshold_below_the_layer_default_is_honoured(scene, detector_dir):
     # NMS off (no IoU is above 1), so the weak boxes around the cat stay
-    p = load_params(ROOT / "params.yaml").detect.model_copy(update={"conf_threshold": 0.05, "nms_threshold": 1.0})
+    p = load_params(DEFAULT_PARAMS).detect.model_copy(update={"conf_threshold": 0.05, "nms_threshold": 1.0})
     items = plan_inputs([scene["dir"] / "cat.jpg"])
     scores = [d["score"] for d in detect_shard(items, detector_dir, p).records[0]["detections"]]
     assert min(scores) < 0.2 and all(s > 0.05 for s in scores)  # OpenCV's layer alone stops at 0.2

@@ -36,7 +36,7 @@ from tasks.detect import (
     staged_outputs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import DEFAULT_PARAMS, ROOT
 GB = 1 << 30
 
 
@@ -46,7 +46,7 @@ def detector_dir(tmp_path_factory) -> Path:
     from tasks.download import download_detector
 
     root = tmp_path_factory.mktemp("detector")
-    download_detector("yolov3-tiny", root / "models", load_params(ROOT / "params.yaml").download,
+    download_detector("yolov3-tiny", root / "models", load_params(DEFAULT_PARAMS).download,
                       cache_dir=root / "cache")
     return root / "models"
 
@@ -54,7 +54,7 @@ def detector_dir(tmp_path_factory) -> Path:
 def make_params(tmp: Path, detector: Path, overrides: dict | None = None) -> Params:
     """The repository's params.yaml with its paths under ``tmp`` (the shared detector outside it),
     yolov3-tiny, written to ``tmp/params.yaml`` and loaded."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     raw["paths"] = {k: str(tmp / v) if isinstance(v, str) else v for k, v in raw["paths"].items()}
     raw["paths"].update(detector=str(detector), allow_outside=True)  # the session's detector lies outside tmp
     raw["detect"]["model"] = "yolov3-tiny"

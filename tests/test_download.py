@@ -15,7 +15,7 @@ from cvpipe.io import ChecksumError, file_hash, safe_extract
 from cvpipe.params import load_params
 from tasks import download as dl
 from tasks.preprocess import read_cifar10_binary
-from tests.conftest import ROOT, make_cifar10_archive, write_params
+from tests.conftest import DEFAULT_PARAMS, ROOT, make_cifar10_archive, write_params
 
 
 def _params(tmp_path, **ov):
@@ -153,7 +153,7 @@ def test_full_yolov3_sources_are_written_only_in_params_yaml():
     """The official Darknet URLs and digests live in params.yaml; the code reads them from there."""
     import inspect
 
-    p = load_params(ROOT / "params.yaml")
+    p = load_params(DEFAULT_PARAMS)
     sources = dl.detector_sources("yolov3", p.download)
     assert sources["model.weights"] == ("https://pjreddie.com/media/files/yolov3.weights",
                                         "523e4e69e1d015393a1b0a441cef1d9c7659e3eb2d7e15f793f060a21b32f297")

@@ -13,7 +13,7 @@ import pytest
 
 from cvpipe.io import read_json
 from cvpipe.params import write_overrides
-from tests.conftest import ROOT
+from tests.conftest import DEFAULT_PARAMS, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +33,8 @@ def clone_project(dest: Path) -> Path:
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
+    # The project's defaults, not a working params.yaml that a quickstart or `run --set` rewrote.
+    shutil.copy2(DEFAULT_PARAMS, dest / "params.yaml")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"]):
         subprocess.run(cmd, cwd=dest, check=True)

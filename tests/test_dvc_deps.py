@@ -12,7 +12,7 @@ import yaml
 
 from cvpipe.params import load_params
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import DEFAULT_PARAMS, ROOT
 
 
 class _Recorder:
@@ -45,7 +45,7 @@ def test_evaluate_declares_the_params_its_runtime_reads(tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     seen: set[str] = set()
-    p = _Recorder(load_params(ROOT / "params.yaml", {"device": "cpu"}), "", seen)
+    p = _Recorder(load_params(DEFAULT_PARAMS, {"device": "cpu"}), "", seen)
     make_runtime(p)
     trained_modes(p)
     declared = _stage("evaluate")["params"]

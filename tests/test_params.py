@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from cvpipe.params import ParamsError, Params, apply_overrides, load_params, write_overrides
-from tests.conftest import ROOT
+from tests.conftest import DEFAULT_PARAMS, ROOT
 
 
 def test_repository_params_load_and_are_the_seed_experiment():
-    p = load_params(ROOT / "params.yaml")
+    p = load_params(DEFAULT_PARAMS)
     assert isinstance(p, Params)
     assert p.data.dataset == "cifar10"
     assert (p.train.backbone, p.train.weights, p.train.image_size) == ("resnet18", "imagenet", 224)
@@ -35,7 +35,7 @@ def test_repository_params_load_and_are_the_seed_experiment():
     ],
 )
 def test_bad_values_fail_naming_the_key(tmp_path, overrides, key, words):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(apply_overrides(raw, overrides)))
     with pytest.raises(ParamsError) as e:
@@ -44,7 +44,7 @@ def test_bad_values_fail_naming_the_key(tmp_path, overrides, key, words):
 
 
 def test_typo_key_in_file_is_rejected(tmp_path):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     raw["train"]["learning_rate"] = 0.01
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -54,17 +54,17 @@ def test_typo_key_in_file_is_rejected(tmp_path):
 
 def test_typo_key_in_override_is_rejected():
     with pytest.raises(ParamsError, match=r"train\.learnig_rate: unknown key"):
-        load_params(ROOT / "params.yaml", {"train.learnig_rate": 0.1})
+        load_params(DEFAULT_PARAMS, {"train.learnig_rate": 0.1})
 
 
 def test_url_weights_need_a_sha256():
     with pytest.raises(ParamsError, match="weights_sha256"):
-        load_params(ROOT / "params.yaml", {"train.weights": "https://example.org/w.pth"})
+        load_params(DEFAULT_PARAMS, {"train.weights": "https://example.org/w.pth"})
 
 
 def test_write_overrides_keeps_comments_and_refuses_bad_values(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text())
+    path.write_text(DEFAULT_PARAMS.read_text())
     write_overrides(path, {"train.epochs": 2, "data.dataset": "digits"})
     text = path.read_text()
     assert "# Every tunable and every path" in text
@@ -86,7 +86,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_dvc_yaml_refers_only_to_existing_params():
     """Every ${key} and every `params:` entry of dvc.yaml exists in params.yaml."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     dvc_text = (ROOT / "dvc.yaml").read_text()
     dvc = yaml.safe_load(dvc_text)
 
@@ -158,7 +158,7 @@ def _billion_laughs(levels: int = 9, width: int = 10) -> str:
 
 
 def test_billion_laughs_fails_fast_with_one_line_and_little_memory(tmp_path):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     text = _billion_laughs() + yaml.safe_dump(raw).replace("seed: 42", "seed: *lol9")
     assert len(text) < 5_000  # that would expand to 10^9 strings
     path = tmp_path / "params.yaml"
@@ -181,7 +181,7 @@ def test_custom_tags_are_one_line(tmp_path, tag):
 
 
 def test_huge_value_in_a_bad_key_gives_a_short_message(tmp_path):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     raw["train"]["lr"] = "x" * 1_000_000
     raw["detect"]["input_size"] = list(range(20_000))
     path = tmp_path / "params.yaml"
@@ -224,6 +224,6 @@ def test_paths_outside_the_project_are_refused_naming_the_key(tmp_path, monkeypa
 ])
 def test_out_of_range_values_are_refused(overrides, key):
     with pytest.raises(ParamsError, match=rf"(?m)^\s*{re.escape(key)}: ") as err:
-        load_params(ROOT / "params.yaml", overrides)
+        load_params(DEFAULT_PARAMS, overrides)
     assert len(str(err.value)) < 400
-    assert load_params(ROOT / "params.yaml", {"seed": 2**32 - 1}).seed == 2**32 - 1
+    assert load_params(DEFAULT_PARAMS, {"seed": 2**32 - 1}).seed == 2**32 - 1

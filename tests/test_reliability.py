@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_params
+from tests.conftest import DEFAULT_PARAMS, ROOT, write_params
 from cvpipe.io import ChecksumError, CorruptFile, read_json
 from cvpipe.params import load_params
 from tasks.train import CHECKPOINT, HISTORY, METRICS, MODEL, load_classifier, train
@@ -144,7 +144,7 @@ def detector_dir(tmp_path_factory) -> Path:
     from tasks.download import download_detector
 
     root = tmp_path_factory.mktemp("detector")
-    download_detector("yolov3-tiny", root / "models", load_params(ROOT / "params.yaml").download, root / "cache")
+    download_detector("yolov3-tiny", root / "models", load_params(DEFAULT_PARAMS).download, root / "cache")
     return root / "models"
 
 

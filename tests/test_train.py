@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_params
+from tests.conftest import write_params
 from cvpipe.io import read_json
 from cvpipe.params import load_params
 from tasks.backbones import (
