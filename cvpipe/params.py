@@ -320,6 +320,10 @@ def write_overrides(path: str | Path, overrides: dict[str, Any]) -> None:
     validate(apply_overrides(read_raw(path), overrides), str(path))
     rt = YAML()
     rt.preserve_quotes = True
+    rt.width = 4096  # never fold a long value (a URL) onto a second line
+    # Keep `null` written as `null`, not as an empty value.
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
     for dotted, value in overrides.items():
         node = doc

@@ -227,3 +227,19 @@ def test_out_of_range_values_are_refused(overrides, key):
         load_params(DEFAULT_PARAMS, overrides)
     assert len(str(err.value)) < 400
     assert load_params(DEFAULT_PARAMS, {"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_write_overrides_changes_only_the_lines_it_sets(tmp_path):
+    """The quickstart writes the offline profile into params.yaml: every other line stays as it was
+    (long URLs are not folded, `null` stays `null`)."""
+    import difflib
+
+    path = tmp_path / "params.yaml"
+    original = DEFAULT_PARAMS.read_text()
+    path.write_text(original)
+    profile = yaml.safe_load((ROOT / "profiles" / "offline.yaml").read_text())
+    write_overrides(path, {**profile, "detect.annotations": None})
+    changed = [ln for ln in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), lineterm="")
+               if ln.startswith("-") and not ln.startswith("---")]
+    assert len(changed) == len(profile), changed
+    assert load_params(path).train.fine_tune_epochs == profile["train.fine_tune_epochs"]
