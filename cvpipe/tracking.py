@@ -3,20 +3,48 @@
 Stage code never imports MLflow; flows open a run here and log what the pure
 functions return. Everything goes through an explicit run id (MlflowClient), so
 logging is safe from Prefect's worker threads.
+
+Failure modes handled here: a tracking server that does not answer is one clear error
+within seconds (:func:`check_tracking`), not MLflow's twenty minutes of retries; runs left
+RUNNING by a killed process are marked KILLED when the next stage starts (each run is
+tagged with its owner's host and pid); and a project never writes its artifacts into
+the folder of another clone that shares its tracking store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
+from cvpipe.errors import UserError
 from cvpipe.params import Params
 
 # DVC sets these while `dvc exp run` executes a stage; recording them lets both tools name the same run.
 DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev", "DVC_ROOT": "dvc.root"}
+# Who opened a run: a run still RUNNING whose process is gone on this host was killed.
+HOST_TAG, PID_TAG, PID_START_TAG = "cvpipe.host", "cvpipe.pid", "cvpipe.pid_start"
+# MLflow's HTTP defaults (7 retries with backoff, 120 s timeouts) turn an unreachable server into a
+# twenty-minute hang; these apply unless the user set the variables.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+REACHABILITY_TIMEOUT_S = 5.0
+
+
+class TrackingError(UserError, RuntimeError):
+    """The MLflow tracking store cannot be used as configured; the message says what to do."""
+
+
+class TrackingUnreachable(TrackingError):
+    """The tracking server does not answer."""
+
+
+class ArtifactLocationConflict(TrackingError):
+    """The experiment stores its artifacts somewhere else than this project's ``mlflow.artifact_location``."""
 
 
 def tracking_uri(p: Params) -> str:
@@ -30,12 +58,108 @@ def tracking_uri(p: Params) -> str:
     return uri
 
 
+def limit_http_retries() -> None:
+    """Short HTTP timeouts and few retries for MLflow in this process, unless the user chose them."""
+    for k, v in HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+_reachable: set[str] = set()
+
+
+def check_tracking(p: Params, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
+    """Fail fast when ``mlflow.tracking_uri`` is a server that does not answer (local stores pass).
+
+    Asks ``<uri>/health``; when that is not 200, the REST API (any answer below 500, such as 401
+    from a server that needs credentials, counts as reachable). A server found once is not asked again.
+
+    Raises:
+        TrackingUnreachable: no answer within ``timeout`` seconds, or not an MLflow server.
+    """
+    limit_http_retries()
+    uri = tracking_uri(p)
+    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+        return
+    base = uri.rstrip("/")
+    try:
+        status = _http_status(f"{base}/health", timeout)
+        if status != 200:
+            status = _http_status(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout)
+        if status < 500 and status != 404:
+            _reachable.add(uri)
+            return
+        reason = f"it answers HTTP {status} on /health and on the REST API: not an MLflow tracking server?"
+    except (OSError, ValueError) as err:  # URLError, timeouts and refused connections are OSErrors
+        if isinstance(getattr(err, "reason", err), ssl.SSLError):
+            return  # it answered; MLflow applies its own TLS settings (MLFLOW_TRACKING_INSECURE_TLS, ...)
+        reason = _reason(err)
+    raise TrackingUnreachable(f"MLflow tracking server {uri} is not reachable ({reason}); "
+                              "start it or fix mlflow.tracking_uri")
+
+
+def _http_status(url: str, timeout: float) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _reason(err: BaseException) -> str:
+    inner = getattr(err, "reason", None)
+    if isinstance(inner, BaseException):
+        err = inner
+    if isinstance(err, TimeoutError):
+        return "no answer within the timeout"
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return str(text).splitlines()[0][:200]
+
+
+def _local_path(location: str) -> Path | None:
+    """The folder of a local artifact location (a plain path or ``file://``); None for remote ones."""
+    parsed = urlparse(location)
+    if not parsed.scheme:
+        return Path(location).resolve()
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(unquote(parsed.path)).resolve()
+    return None
+
+
+def check_artifact_location(p: Params, experiment_location: str) -> None:
+    """Refuse an existing experiment whose artifacts live in another local folder than this project's.
+
+    Two clones sharing one tracking store (an absolute sqlite path) and one experiment name would
+    otherwise write every model of the second clone into the first clone's folder.
+
+    Raises:
+        ArtifactLocationConflict: naming both folders and the remedies.
+    """
+    ours, theirs = _local_path(p.mlflow.artifact_location), _local_path(experiment_location)
+    if ours is None or theirs is None or ours == theirs:
+        return
+    raise ArtifactLocationConflict(
+        f"MLflow experiment {p.mlflow.experiment!r} in {tracking_uri(p)} keeps its artifacts in {theirs}, "
+        f"but this project's mlflow.artifact_location is {ours}: its models would be stored in another "
+        "project's folder. Give this project its own experiment (--set mlflow.experiment=<name>, or in "
+        "params.yaml), or track through an MLflow server with proxied artifacts (mlflow server "
+        "--artifacts-destination ...), or point mlflow.artifact_location at the experiment's folder "
+        "if it is really this project's.")
+
+
 def configure(p: Params):
     """Point MLflow at the project's store and return (client, experiment_id).
 
     Creating a new sqlite store runs MLflow's migrations, which race when two processes
     start at once; a file lock next to the database makes them take turns.
+
+    Raises:
+        TrackingUnreachable: the tracking server does not answer (within seconds).
+        ArtifactLocationConflict: the experiment stores its artifacts in another project's folder.
     """
+    check_tracking(p)
     import mlflow
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
@@ -51,6 +175,7 @@ def configure(p: Params):
         client.search_experiments(max_results=1)  # opens the store: creates/migrates its tables
         exp = client.get_experiment_by_name(p.mlflow.experiment)
         if exp is not None:
+            check_artifact_location(p, exp.artifact_location)
             return client, exp.experiment_id
         loc = p.mlflow.artifact_location
         if "://" not in loc:
@@ -105,15 +230,81 @@ class StageRun:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
 
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process: host, pid and the pid's start time (which tells a reused pid apart)."""
+    start = _process_start(os.getpid())
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: start or ""}
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``); None where unknown."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat is not None and len(stat) > 19 else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first); None without /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process named by a run's owner tags still runs on this host.
+
+    A zombie, or a pid now held by a process that started at another time, counts as gone.
+    """
+    try:
+        pid = int(tags[PID_TAG])
+    except (KeyError, ValueError):
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    stat = _proc_stat(pid)
+    if stat is None:  # no /proc (not Linux): trust kill(); with /proc, the process just ended
+        return not Path("/proc/self/stat").exists()
+    if stat[0] == "Z":
+        return False
+    started = tags.get(PID_START_TAG)
+    return not started or len(stat) <= 19 or stat[19] == started
+
+
+def reap_stale_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of this experiment still RUNNING whose owner process on this host is gone.
+
+    Runs of other hosts, of live processes, and runs without owner tags are left alone.
+
+    Returns:
+        The ids of the runs marked KILLED.
+    """
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], max_results=1000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
+    killed = []
+    for run in runs:
+        if run.info.status == "RUNNING" and not owner_alive(run.data.tags):
+            client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+    return killed
+
+
 @contextlib.contextmanager
 def stage_run(p: Params, stage: str, run_name: str | None = None,
               tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """Open an MLflow run tagged ``stage=<stage>``; it ends FINISHED, or FAILED on an exception.
 
-    The run records the stage's params section plus the shared sections.
+    The run records the stage's params section plus the shared sections, and its owner
+    (:func:`owner_tags`); runs that killed processes left RUNNING are marked KILLED first.
     """
     client, exp_id = configure(p)
-    all_tags = {"stage": stage, "mlflow.runName": run_name or stage}
+    reap_stale_runs(client, exp_id)
+    all_tags = {"stage": stage, "mlflow.runName": run_name or stage, **owner_tags()}
     all_tags.update({t: os.environ[e] for e, t in DVC_ENV_TAGS.items() if os.environ.get(e)})
     all_tags.update(tags or {})
     run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name or stage)

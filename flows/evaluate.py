@@ -12,7 +12,7 @@ from prefect import flow
 
 from cvpipe.params import Params, load_params
 from cvpipe.registry import register_best
-from cvpipe.tracking import StageRun, configure, stage_run
+from cvpipe.tracking import StageRun, configure, reap_stale_runs, stage_run
 from tasks.evaluate import ACCURACY_PLOT, METRICS, evaluate_task, model_run_id
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def model_run(p: Params, mode: str) -> Iterator[StageRun]:
 def evaluate_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Evaluate every mode of ``train.modes`` that has a trained model; returns {mode: test metrics}."""
     p = load_params(params_file, overrides)
+    reap_stale_runs(*configure(p))  # evaluate logs into the train runs: mark those of killed processes first
     metrics = evaluate_task(p)
     out = p.paths.evaluate
     run_ids = {}

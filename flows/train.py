@@ -13,24 +13,28 @@ from cvpipe.params import Params, load_params
 from cvpipe.tracking import StageRun, stage_run
 from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_costs, model_for_logging, train_task, write_run_id
 
-# Packages a logged model needs besides the copied `tasks` code (pinned, so MLflow need not infer them).
-MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "efficientnet-lite-pytorch")
+# Packages the logged model's loader needs besides cvpipe itself (pinned, so MLflow need not infer them).
+# cvpipe is not listed: the model is served from the project's environment (`--env-manager local`).
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "opencv-python-headless", "efficientnet-lite-pytorch")
 
 
 def log_model(run: StageRun, p: Params, mode: str) -> None:
-    """Log the best model of ``mode`` (uint8 images in, logits out) with a signature and an input example."""
+    """Log the best model of ``mode`` as a :mod:`cvpipe.model_flavor` pyfunc, with a signature and an
+    input example: data only (card and weights), loaded by the installed package, no code in the store."""
+    import tempfile
+
     import mlflow
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
+    import mlflow.pyfunc
 
-    import tasks
+    from cvpipe import model_flavor
 
-    clf, example, logits = model_for_logging(p, mode)
-    with mlflow.start_run(run_id=run.run_id):
-        mlflow.pytorch.log_model(
-            clf, name="model", signature=infer_signature(example, logits), input_example=example,
-            pip_requirements=[f"{r}=={version(r).split('+')[0]}" for r in MODEL_REQUIREMENTS],
-            code_paths=[str(Path(tasks.__file__).parent)])
+    clf, example, output = model_for_logging(p, mode)
+    with tempfile.TemporaryDirectory(prefix="cvpipe-model-") as tmp, mlflow.start_run(run_id=run.run_id):
+        data = model_flavor.save_classifier_data(clf, Path(tmp) / model_flavor.DATA_DIR)
+        mlflow.pyfunc.log_model(
+            name="model", loader_module=model_flavor.LOADER_MODULE, data_path=str(data),
+            signature=model_flavor.signature(example, output), input_example=example,
+            pip_requirements=[f"{r}=={version(r).split('+')[0]}" for r in MODEL_REQUIREMENTS])
 
 
 def weights_label(weights: str) -> str:

@@ -593,15 +593,21 @@ def train(p: Params, mode: str, on_epoch: Callable[[dict[str, float]], None] | N
     return metrics
 
 
-def model_for_logging(p: Params, mode: str, n_examples: int = 2) -> tuple[ImageClassifier, np.ndarray, np.ndarray]:
-    """The best model of ``mode`` as an :class:`ImageClassifier`, an input example (uint8 val images)
-    and its output (logits), for a model registry."""
-    clf = load_classifier(p.paths.train / mode / MODEL)
+def model_for_logging(p: Params, mode: str, n_examples: int = 2):
+    """The best model of ``mode`` in the registered model's flavour, an input example and its output.
+
+    Returns:
+        (:class:`cvpipe.model_flavor.Classifier` built from ``model.pt`` and the training images'
+        channels and size, uint8 validation images (n_examples, C, H, W),
+        its output {"logits", "probabilities"} on them).
+    """
+    from cvpipe.model_flavor import classifier_from_checkpoint
+
+    ckpt = load_torch(p.paths.train / mode / MODEL)
     x, _ = load_split(p.paths.processed, "val")
+    clf = classifier_from_checkpoint(ckpt, channels=x.shape[1], input_size=(x.shape[2], x.shape[3]))
     example = np.ascontiguousarray(x[:n_examples])
-    with torch.inference_mode():
-        logits = clf(torch.from_numpy(example)).numpy()
-    return clf, example, logits
+    return clf, example, clf.predict(example)
 
 
 def inference_latency_ms(model: nn.Module, images: torch.Tensor, device: torch.device, warmup: int = 2) -> float:
