@@ -98,6 +98,13 @@ def _check(params: Path, overrides: dict[str, Any]) -> None:
             except ParamsError as blamed:
                 message = str(blamed)
         _fail(f"error: {one_line(message)}", 2)
+    # A tracking server that does not answer fails here, in seconds, before any work.
+    from cvpipe.tracking import TrackingError, check_tracking
+
+    try:
+        check_tracking(load_params(params, overrides))
+    except TrackingError as err:
+        _fail(f"error: {one_line(str(err))}", 1)
 
 
 @contextlib.contextmanager
@@ -302,18 +309,29 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to classify.", exists=True, dir_okay=False)],
     top: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to print per image.")] = 3,
     alias: Annotated[str, typer.Option(help="Registered-model alias to load.")] = "champion",
+    trust_model_code: Annotated[bool, typer.Option(
+        "--trust-model-code",
+        help="Also load a model whose MLmodel would run code (code_paths, a pickled python_model, a loader "
+             "outside cvpipe): only for a tracking store you trust.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Classify images with the registered model `models:/<mlflow.registered_model>@champion`."""
+    """Classify images with the registered model `models:/<mlflow.registered_model>@champion`.
+
+    The model is loaded as data (a card and pickle-free weights) by the installed cvpipe package;
+    nothing from the tracking store is executed unless --trust-model-code.
+    """
     _check(params, {})
     from mlflow.exceptions import MlflowException
 
+    from cvpipe.errors import UserError, user_facing
     from cvpipe.params import load_params
     from cvpipe.registry import predict as predict_images
 
     p = load_params(params)
     try:
-        results = predict_images(p, list(images), top, alias)
+        results = predict_images(p, list(images), top, alias, trust_model_code=trust_model_code)
+    except UserError as err:
+        _fail(user_facing(err), 1)
     except MlflowException as err:
         typer.secho(f"error: cannot load models:/{p.mlflow.registered_model}@{alias}: {err.message}\n"
                     "Run `cvpipe run` (or train + evaluate) first: evaluate registers the best model.",

@@ -263,3 +263,21 @@ def test_real_bugs_still_show_a_traceback():
     assert user_facing(ValueError("x")) is None
     assert user_facing(OSError(errno.EACCES, "Permission denied", "f")) is None
 
+
+
+def test_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
+    """A tracking server that does not answer fails in seconds, before Prefect or any stage starts."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_params(tmp_path)
+    t0 = time.perf_counter()
+    r = _cvpipe(tmp_path, "preprocess", "--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}")
+    elapsed = time.perf_counter() - t0
+    line = _one_error_line(r, 1)
+    assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in line, line
+    assert elapsed < 10, elapsed
+    assert not (tmp_path / "data").exists()  # nothing ran
