@@ -143,6 +143,8 @@ class EvaluateParams(_Strict):
 
 class DetectParams(_Strict):
     model: Literal["yolov3", "yolov3-tiny"]
+    backend: Literal["auto", "opencv", "torch"]
+    resize: Literal["stretch", "letterbox"]
     input: str = Field(min_length=1)
     input_size: int = Field(ge=32, le=2048, multiple_of=32)
     batch_size: int = Field(ge=1)
