@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,16 @@ def task_runner(dp: DetectParams) -> TaskRunner:
                                           "processes": True, "dashboard_address": None})
 
 
+def network_threads(dp: DetectParams) -> int | None:
+    """Cores each shard's network may use. Shards on threads share one process and take turns at
+    one network that uses every core (None: the library's default). A local Dask cluster runs
+    ``workers`` processes side by side on this machine, so each gets its share of the cores; on
+    a remote cluster the workers' own defaults stay."""
+    if dp.task_runner == "dask" and not dp.dask_address:
+        return max(1, (os.cpu_count() or 1) // dp.workers)
+    return None
+
+
 @flow(name="detect-shards")
 def detect_shards(p: Params, staging: Path) -> list[ShardResult]:
     """List and shard the inputs and create ``staging``, then run one ``detect-shard`` task per
@@ -34,7 +45,8 @@ def detect_shards(p: Params, staging: Path) -> list[ShardResult]:
     shards, images_dir = plan_task(p, staging)
     futures = detect_shard_task.map(shards, detector_dir=unmapped(p.paths.detector.resolve()),
                                     dp=unmapped(p.detect), images_dir=unmapped(images_dir),
-                                    shard=range(len(shards)), of=unmapped(len(shards)))
+                                    shard=range(len(shards)), of=unmapped(len(shards)),
+                                    device=unmapped(p.device), threads=unmapped(network_threads(p.detect)))
     return futures.result()
 
 

@@ -28,9 +28,12 @@ import glob
 import io
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -244,7 +247,31 @@ def forward(det: Detector, blob: np.ndarray) -> list[np.ndarray]:
     return list(det.net.forward(det.output_names))
 
 
-def decode(outputs: list[np.ndarray], sizes: np.ndarray, conf_threshold: float) -> Detections:
+def fit_image(image: np.ndarray, size: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` as the network sees it, and how its coordinates map there.
+
+    ``stretch`` resizes to ``size`` x ``size`` whatever the aspect ratio (what
+    ``blobFromImages`` does). ``letterbox`` keeps the aspect ratio: the image is resized to
+    fit (its longer side becomes ``size``) and centred on a grey (127) square, as Darknet does.
+
+    Returns:
+        (the uint8 ``size`` x ``size`` x 3 image, its frame ``(kx, ky, ox, oy)``): a point ``x``
+        in original pixels lies at ``x * kx + ox`` in the network's relative coordinates (0..1).
+        Both sizes are whole pixels, so the frame is exact for the resized content.
+    """
+    h, w = image.shape[:2]
+    if resize == "stretch":
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR), np.array([1 / w, 1 / h, 0.0, 0.0])
+    s = min(size / w, size / h)
+    nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+    x0, y0 = (size - nw) // 2, (size - nh) // 2
+    out = np.full((size, size, 3), 127, np.uint8)
+    out[y0:y0 + nh, x0:x0 + nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return out, np.array([nw / (w * size), nh / (h * size), x0 / size, y0 / size])
+
+
+def decode(outputs: list[np.ndarray], sizes: np.ndarray, conf_threshold: float,
+           frames: np.ndarray | None = None) -> Detections:
     """Turn raw YOLO layer outputs into boxes in original pixel coordinates, with array operations.
 
     Each output row is ``cx, cy, w, h, objectness, s_0 .. s_{C-1}`` with the box relative to
@@ -260,6 +287,8 @@ def decode(outputs: list[np.ndarray], sizes: np.ndarray, conf_threshold: float) 
             the batch axis then).
         sizes: (N, 2) original (width, height) of each image.
         conf_threshold: keep rows whose score is strictly above it.
+        frames: (N, 4) ``(kx, ky, ox, oy)`` of each image from :func:`fit_image`; None for a
+            stretched image (``kx = 1 / width``, no offset).
 
     Returns:
         The kept rows (one class each), boxes clipped to their image; boxes with no area
@@ -267,14 +296,17 @@ def decode(outputs: list[np.ndarray], sizes: np.ndarray, conf_threshold: float) 
     """
     sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
     n = len(sizes)
+    if frames is None:  # stretched: relative coordinates times the image's own width and height
+        frames = np.concatenate([1 / sizes, np.zeros_like(sizes)], axis=1)
+    frames = np.asarray(frames, dtype=np.float64).reshape(n, 4)
     rows = np.concatenate([np.asarray(o, np.float32).reshape(n, -1, o.shape[-1]) for o in outputs], axis=1)
     class_scores = rows[..., 5:]
     class_ids = class_scores.argmax(axis=-1)
     scores = np.take_along_axis(class_scores, class_ids[..., None], axis=-1)[..., 0]
     img, row = np.nonzero(scores > conf_threshold)
-    wh = sizes[img]
-    centre = rows[img, row, 0:2].astype(np.float64) * wh
-    half = rows[img, row, 2:4].astype(np.float64) * wh / 2
+    wh, scale, offset = sizes[img], frames[img, :2], frames[img, 2:]
+    centre = (rows[img, row, 0:2].astype(np.float64) - offset) / scale
+    half = rows[img, row, 2:4].astype(np.float64) / scale / 2
     top_left = np.clip(centre - half, 0, wh)
     bottom_right = np.clip(centre + half, 0, wh)
     boxes = np.concatenate([top_left, bottom_right - top_left], axis=1)
@@ -301,15 +333,117 @@ def nms(dets: Detections, num_classes: int, iou_threshold: float) -> Detections:
     return kept.select(np.lexsort((-kept.scores, kept.image)))
 
 
-def postprocess(outputs: list[np.ndarray], sizes: np.ndarray, num_classes: int,
-                conf_threshold: float, iou_threshold: float) -> list[Detections]:
-    """Decode + NMS for a batch; one :class:`Detections` per image (``image`` all zero)."""
-    dets = nms(decode(outputs, sizes, conf_threshold), num_classes, iou_threshold)
+def split_per_image(dets: Detections, n: int) -> list[Detections]:
+    """One :class:`Detections` per image of a batch of ``n`` (``image`` all zero)."""
     per_image = []
-    for i in range(len(sizes)):
+    for i in range(n):
         d = dets.select(dets.image == i)
         per_image.append(d._replace(image=np.zeros_like(d.image)))
     return per_image
+
+
+def postprocess(outputs: list[np.ndarray], sizes: np.ndarray, num_classes: int,
+                conf_threshold: float, iou_threshold: float, frames: np.ndarray | None = None) -> list[Detections]:
+    """Decode + NMS for a batch; one :class:`Detections` per image (``image`` all zero)."""
+    dets = nms(decode(outputs, sizes, conf_threshold, frames), num_classes, iou_threshold)
+    return split_per_image(dets, len(sizes))
+
+
+class Batch(NamedTuple):
+    """A prepared batch: ``pixels`` (N, S, S, 3) uint8 as the network sees them, ``sizes``
+    (N, 2) original (width, height), ``frames`` (N, 4) from :func:`fit_image`."""
+
+    pixels: np.ndarray
+    sizes: np.ndarray
+    frames: np.ndarray
+
+
+class Predictor:
+    """YOLOv3 on a batch as ``preprocess -> inference -> postprocess``, through OpenCV's DNN module.
+
+    ``preprocess`` runs on the reader thread (overlapped with the network), ``inference`` and
+    ``postprocess`` on the shard's own thread. Another backend overrides ``inference`` (and,
+    where it can do better, ``postprocess``); the loop in :func:`detect_shard` is shared.
+    """
+
+    backend = "opencv"
+
+    def __init__(self, classes: list[str], dp: DetectParams, det: Detector | None = None):
+        self.classes, self.dp, self.det = classes, dp, det
+
+    def preprocess(self, images: list[np.ndarray]) -> Batch:
+        """Resize (``detect.resize``) each image into one uint8 batch."""
+        fitted = [fit_image(im, self.dp.input_size, self.dp.resize) for im in images]
+        return Batch(np.stack([f[0] for f in fitted]), np.array([(im.shape[1], im.shape[0]) for im in images]),
+                     np.stack([f[1] for f in fitted]))
+
+    def inference(self, batch: Batch) -> list[np.ndarray]:
+        """The raw YOLO rows of the batch (one array per output layer)."""
+        blob = cv2.dnn.blobFromImages(list(batch.pixels), scalefactor=1 / 255.0, swapRB=False, crop=False)
+        return forward(self.det, blob)
+
+    def postprocess(self, outputs, batch: Batch) -> list[Detections]:
+        """Boxes in original pixels after class-aware NMS, one :class:`Detections` per image."""
+        return postprocess(outputs, batch.sizes, len(self.classes), self.dp.conf_threshold,
+                           self.dp.nms_threshold, batch.frames)
+
+
+def resolve_backend(backend: str, device: str) -> tuple[str, str]:
+    """The backend and device a run uses: ``auto`` is torch when CUDA is there, OpenCV otherwise;
+    the torch backend's device follows ``device`` (``auto``: CUDA when available).
+
+    Raises:
+        ParamsError: CUDA asked for but not available, or ``device: cuda`` with the OpenCV backend
+            (pip's OpenCV has no CUDA; nothing is switched silently).
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ParamsError("device: cuda, but PyTorch finds no CUDA device: set device to auto or cpu")
+    if backend == "auto":
+        backend = "torch" if (cuda and device != "cpu") else "opencv"
+    if backend == "opencv":
+        if device == "cuda":
+            raise ParamsError("device: cuda with detect.backend: opencv (OpenCV from pip runs on the CPU only): "
+                              "set detect.backend to torch or auto")
+        return "opencv", "cpu"
+    return "torch", "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+
+
+_PREDICTORS: dict[tuple, Predictor] = {}
+_PREDICTORS_LOCK = threading.Lock()
+#: One network runs at a time in a process: each uses every core it is given (OpenCV's and
+#: torch's thread counts are process-wide), so two forwards at once would only fight for them.
+COMPUTE_LOCK = threading.Lock()
+
+
+def _files_key(detector_dir: Path) -> tuple:
+    return tuple((f, st.st_size, st.st_mtime_ns, st.st_ino)
+                 for f in ("model.cfg", "model.weights", "classes.txt")
+                 for st in [(Path(detector_dir) / f).stat()])
+
+
+def load_predictor(detector_dir: Path, dp: DetectParams, device: str = "auto") -> Predictor:
+    """The predictor of ``detect.backend`` for the files in ``detector_dir``, loaded once per
+    process and shared by the shards that run in it (they take turns at the network; see
+    :data:`COMPUTE_LOCK`). A changed file (size, time, inode) is loaded afresh."""
+    backend, dev = resolve_backend(dp.backend, device)
+    key = (str(Path(detector_dir).resolve()), _files_key(detector_dir), backend, dev, dp.conf_threshold)
+    with _PREDICTORS_LOCK:
+        cached = _PREDICTORS.get(key)
+        if cached is None:
+            if backend == "torch":
+                from tasks.detect_torch import TorchPredictor
+
+                cached = TorchPredictor.load(Path(detector_dir), dp, dev)
+            else:
+                det = load_detector(detector_dir, dp.conf_threshold)
+                cached = Predictor(det.classes, dp, det)
+            _PREDICTORS.clear()  # one model per process: a new one replaces the last
+            _PREDICTORS[key] = cached
+    # the thresholds, resize and size of this run (the network itself is shared)
+    return type(cached)(cached.classes, dp, cached.det)
 
 
 def detection_dicts(dets: Detections, classes: list[str]) -> list[dict]:
@@ -360,8 +494,16 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 class ShardResult(NamedTuple):
-    """What a shard returns: per-image records, failures, summed seconds per phase, and its
-    wall-clock start and end (epoch seconds)."""
+    """What a shard returns: per-image records, failures, seconds per phase, and its
+    wall-clock start and end (epoch seconds).
+
+    ``seconds``: ``preprocess`` (reading, decoding and resizing, on the reader thread),
+    ``forward`` (the network, including the turns it waited for another shard's network in the
+    same process), ``postprocess`` (decode + NMS), ``draw`` (drawing, encoding and writing
+    annotated images, on the writer thread), ``load`` (the model; zero when already loaded in
+    this process) and ``input_wait`` (the network idle, waiting for the reader: near zero when
+    reading keeps up).
+    """
 
     records: list[dict]
     failures: list[dict]
@@ -380,9 +522,111 @@ def failure_reason(err: BaseException) -> str:
     return str(err).strip() or type(err).__name__
 
 
+#: batches read ahead of the network (and handed to the writer) at most: memory stays bounded
+PREFETCH = 2
+_DONE = object()
+
+
+class _Stopped(Exception):
+    """The consumer of a queue has stopped (it failed); the producer ends quietly."""
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _reader(items: list[InputImage], predictor: Predictor, batch_size: int, max_pixels: int,
+            out: queue.Queue, stop: threading.Event, busy: list[float]) -> None:
+    """Read, decode and preprocess batches ahead of the network; put ``(good items, images,
+    batch or None, failures)`` per batch, then ``_DONE``, or the exception that stopped it."""
+    try:
+        for b in range(0, len(items), batch_size):
+            t0 = time.perf_counter()
+            good, images, failures = [], [], []
+            for item in items[b:b + batch_size]:
+                try:
+                    images.append(read_image(Path(item.file), max_pixels=max_pixels))
+                    good.append(item)
+                except (ValueError, OSError, cv2.error) as err:
+                    failures.append({"image_id": item.image_id, "path": item.path, "reason": failure_reason(err)})
+            batch = predictor.preprocess(images) if images else None
+            busy[0] += time.perf_counter() - t0
+            _put(out, (good, images, batch, failures), stop)
+        _put(out, _DONE, stop)
+    except _Stopped:
+        pass
+    except BaseException as err:  # handed to the shard's thread, which raises it
+        with contextlib.suppress(_Stopped):
+            _put(out, err, stop)
+
+
+class _Writer:
+    """Draws, encodes and writes annotated JPEGs on its own thread. The first error stops the
+    writing (later images are dropped) and is raised by :meth:`check` / :meth:`close`."""
+
+    def __init__(self, images_dir: Path, classes: list[str], quality: int):
+        self.images_dir, self.classes, self.quality = Path(images_dir), classes, quality
+        self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="detect-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not _DONE:
+            if self.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                for name, image, dets in job:
+                    jpeg = encode_jpeg(draw_detections(image, dets, self.classes), self.quality)
+                    atomic_write_bytes(self.images_dir / name, jpeg)
+            except BaseException as err:
+                self.error = err
+                self.stop.set()
+            self.busy += time.perf_counter() - t0
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, job: list) -> None:
+        self.check()
+        with contextlib.suppress(_Stopped):
+            _put(self.queue, job, self.stop)
+        self.check()
+
+    def close(self) -> None:
+        self.queue.put(_DONE)  # the writer keeps consuming, so this never blocks for long
+        self.thread.join()
+        self.check()
+
+
+def set_threads(threads: int | None) -> None:
+    """Give the network ``threads`` cores (process-wide, for OpenCV and torch); None leaves them."""
+    if threads:
+        cv2.setNumThreads(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
 def detect_shard(items: list[InputImage], detector_dir: Path, dp: DetectParams,
-                 images_dir: Path | None = None, shard: int = 0, of: int = 1) -> ShardResult:
+                 images_dir: Path | None = None, shard: int = 0, of: int = 1, *,
+                 device: str = "auto", threads: int | None = None) -> ShardResult:
     """Detect objects in one shard of inputs, batch by batch.
+
+    Reading and preprocessing run on a reader thread at most :data:`PREFETCH` batches ahead,
+    and annotated images are drawn and written on a writer thread, so the network, which
+    runs on this thread, never waits for the disk when they keep up. Shards running on threads
+    of one process share one loaded network and take turns at it (:data:`COMPUTE_LOCK`).
 
     Every input ends in exactly one of ``records`` (read and run, possibly with no
     detection) or ``failures`` (with a reason); a bad file never stops the shard.
@@ -390,52 +634,74 @@ def detect_shard(items: list[InputImage], detector_dir: Path, dp: DetectParams,
     Args:
         items: the shard's inputs.
         detector_dir: folder with model.cfg, model.weights and classes.txt.
-        dp: the ``detect`` parameters (input_size, batch_size, thresholds, jpeg_quality,
-            max_pixels: a larger image is a failure, refused from its header before decoding).
+        dp: the ``detect`` parameters (backend, resize, input_size, batch_size, thresholds,
+            jpeg_quality, max_pixels: a larger image is a failure, refused from its header
+            before decoding).
         images_dir: where annotated JPEGs go; None to draw nothing.
         shard, of: position of this shard, for the progress bar.
+        device: the run's ``device`` (auto | cpu | cuda), for the torch backend.
+        threads: cores the network may use (process-wide); None leaves the library's default
+            (every core), right when shards of one process take turns.
+
+    Raises:
+        ParamsError: the backend or device cannot run here (see :func:`resolve_backend`).
     """
     start = time.time()
-    det = load_detector(detector_dir, dp.conf_threshold)
-    seconds = dict.fromkeys(("preprocess", "forward", "postprocess", "draw"), 0.0)
+    t0 = time.perf_counter()
+    set_threads(threads)
+    predictor = load_predictor(detector_dir, dp, device)
+    seconds = {"preprocess": 0.0, "forward": 0.0, "postprocess": 0.0, "draw": 0.0,
+               "load": time.perf_counter() - t0, "input_wait": 0.0}
     records: list[dict] = []
     failures: list[dict] = []
-    with tqdm(total=len(items), desc=f"detect {shard + 1}/{of}", unit="img") as bar:
-        for b in range(0, len(items), dp.batch_size):
-            batch = items[b:b + dp.batch_size]
-            t0 = time.perf_counter()
-            good, images = [], []
-            for item in batch:
-                try:
-                    images.append(read_image(Path(item.file), max_pixels=dp.max_pixels))
-                    good.append(item)
-                except (ValueError, OSError, cv2.error) as err:
-                    failures.append({"image_id": item.image_id, "path": item.path, "reason": failure_reason(err)})
-            if images:
-                sizes = np.array([(im.shape[1], im.shape[0]) for im in images])
-                blob = make_blob(images, dp.input_size)
-                t1 = time.perf_counter()
-                outputs = forward(det, blob)
-                t2 = time.perf_counter()
-                per_image = postprocess(outputs, sizes, len(det.classes), dp.conf_threshold, dp.nms_threshold)
-                t3 = time.perf_counter()
-                for item, image, dets in zip(good, images, per_image):
-                    rec = {"image_id": item.image_id, "path": item.path,
-                           "width": int(image.shape[1]), "height": int(image.shape[0]),
-                           "detections": detection_dicts(dets, det.classes)}
-                    if images_dir is not None:
-                        jpeg = encode_jpeg(draw_detections(image, dets, det.classes), dp.jpeg_quality)
-                        atomic_write_bytes(Path(images_dir) / item.out_name, jpeg)
-                        rec["annotated"] = f"{IMAGES_DIR}/{item.out_name}"
-                    records.append(rec)
-                t4 = time.perf_counter()
-                seconds["preprocess"] += t1 - t0
-                seconds["forward"] += t2 - t1
-                seconds["postprocess"] += t3 - t2
-                seconds["draw"] += t4 - t3
-            else:
-                seconds["preprocess"] += time.perf_counter() - t0
-            bar.update(len(batch))
+    ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    stop, read_busy = threading.Event(), [0.0]
+    reader = threading.Thread(target=_reader, name="detect-reader", daemon=True,
+                              args=(items, predictor, dp.batch_size, dp.max_pixels, ready, stop, read_busy))
+    writer = _Writer(images_dir, predictor.classes, dp.jpeg_quality) if images_dir is not None else None
+    reader.start()
+    try:
+        with tqdm(total=len(items), desc=f"detect {shard + 1}/{of}", unit="img") as bar:
+            while True:
+                t0 = time.perf_counter()
+                got = ready.get()
+                seconds["input_wait"] += time.perf_counter() - t0
+                if got is _DONE:
+                    break
+                if isinstance(got, BaseException):
+                    raise got
+                good, images, batch, bad = got
+                failures.extend(bad)
+                if batch is not None:
+                    t1 = time.perf_counter()
+                    with COMPUTE_LOCK:
+                        outputs = predictor.inference(batch)
+                    t2 = time.perf_counter()
+                    per_image = predictor.postprocess(outputs, batch)
+                    seconds["forward"] += t2 - t1
+                    seconds["postprocess"] += time.perf_counter() - t2
+                    for item, image, dets in zip(good, images, per_image):
+                        rec = {"image_id": item.image_id, "path": item.path,
+                               "width": int(image.shape[1]), "height": int(image.shape[0]),
+                               "detections": detection_dicts(dets, predictor.classes)}
+                        if writer is not None:
+                            rec["annotated"] = f"{IMAGES_DIR}/{item.out_name}"
+                        records.append(rec)
+                    if writer is not None:
+                        writer.submit([(item.out_name, image, dets) for item, image, dets in zip(good, images, per_image)])
+                bar.update(len(good) + len(bad))
+        if writer is not None:
+            writer.close()
+            seconds["draw"] = writer.busy
+            writer = None
+    finally:
+        stop.set()
+        reader.join()
+        if writer is not None:  # failed before the end: the writer's own error, if any, is secondary
+            writer.stop.set()
+            writer.queue.put(_DONE)
+            writer.thread.join()
+    seconds["preprocess"] = read_busy[0]
     return ShardResult(records, failures, seconds, start, time.time())
 
 
@@ -747,8 +1013,10 @@ def plan(p: Params, staging: Path) -> tuple[list[list[InputImage]], Path | None]
 
     Raises:
         OutputConflict: inputs inside ``paths.detect``, or entries there this stage did not write.
+        ParamsError: ``detect.backend`` cannot run on ``device`` here.
     """
     check_detector(p.paths.detector, p.detect.model)
+    resolve_backend(p.detect.backend, p.device)
     items = plan_inputs(list_inputs(p.detect.input))
     check_inputs_outside(items, p.paths.detect)
     recover_outputs(p.paths.detect, keep=staging)

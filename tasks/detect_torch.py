@@ -1,0 +1,84 @@
+"""The ``torch`` backend of the ``detect`` stage: the Darknet network of :mod:`tasks.darknet` run by
+PyTorch, on CUDA when there is one.
+
+It overrides two steps of :class:`tasks.detect.Predictor`: ``inference`` (uint8 pixels sent to
+the device as they are and scaled there; ``torch.inference_mode``; on CUDA bf16 autocast and
+channels_last) and ``postprocess`` (scores, boxes in original pixels and class-aware NMS with
+``torchvision.ops.batched_nms`` on the device, so only the kept boxes come back to the host).
+Preprocessing, reading and writing are the shared ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+from cvpipe.params import DetectParams
+from tasks.darknet import Darknet, load_darknet
+from tasks.detect import Batch, Detections, Predictor, read_classes, split_per_image
+
+
+class TorchNet(NamedTuple):
+    """A loaded network and the device it lives on."""
+
+    model: Darknet
+    device: torch.device
+
+
+class TorchPredictor(Predictor):
+    """YOLOv3 through PyTorch (see the module docstring)."""
+
+    backend = "torch"
+
+    @classmethod
+    def load(cls, detector_dir: Path, dp: DetectParams, device: str) -> "TorchPredictor":
+        """Build the network of ``model.cfg`` with ``model.weights`` (read as raw float32) on ``device``."""
+        dev = torch.device(device)
+        model = load_darknet((detector_dir / "model.cfg").read_text(), detector_dir / "model.weights").to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(read_classes(detector_dir / "classes.txt"), dp, TorchNet(model, dev))
+
+    def inference(self, batch: Batch) -> list[torch.Tensor]:
+        """The raw YOLO rows of the batch, on the device (float32)."""
+        model, dev = self.det
+        cuda = dev.type == "cuda"
+        with torch.inference_mode():
+            x = torch.from_numpy(batch.pixels)
+            x = (x.pin_memory() if cuda else x).to(dev, non_blocking=cuda)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                return [r.float() for r in model(x)]
+
+    def postprocess(self, outputs: list[torch.Tensor], batch: Batch) -> list[Detections]:
+        """Score = objectness x class probability above ``detect.conf_threshold``, boxes mapped back
+        to original pixels and clipped, class-aware NMS per image, all on the device."""
+        dev = outputs[0].device
+        with torch.inference_mode():
+            rows = torch.cat(outputs, 1)
+            scores, class_ids = rows[..., 5:].max(-1)
+            img, r = torch.nonzero(scores > self.dp.conf_threshold, as_tuple=True)
+            sizes = torch.as_tensor(batch.sizes, dtype=torch.float32, device=dev)[img]
+            frames = torch.as_tensor(batch.frames, dtype=torch.float32, device=dev)[img]
+            sel = rows[img, r]
+            centre = (sel[:, 0:2] - frames[:, 2:]) / frames[:, :2]
+            half = sel[:, 2:4] / frames[:, :2] / 2
+            top_left = torch.minimum((centre - half).clamp(min=0), sizes)
+            bottom_right = torch.minimum((centre + half).clamp(min=0), sizes)
+            wh = bottom_right - top_left
+            keep = (wh > 0).all(1)
+            xyxy, scores, class_ids, img = (torch.cat([top_left, bottom_right], 1)[keep], scores[img, r][keep],
+                                            class_ids[img, r][keep], img[keep])
+            kept = batched_nms(xyxy, scores, img * len(self.classes) + class_ids, self.dp.nms_threshold)
+            order = np.lexsort((-scores[kept].cpu().numpy(), img[kept].cpu().numpy()))
+            kept = kept.cpu().numpy()[order]
+            xyxy, scores, class_ids, img = (t.cpu().numpy() for t in (xyxy, scores, class_ids, img))
+        boxes = np.concatenate([xyxy[kept, :2], xyxy[kept, 2:] - xyxy[kept, :2]], 1).astype(np.float64)
+        dets = Detections(img[kept].astype(np.int64), boxes, scores[kept], class_ids[kept].astype(np.int64))
+        return split_per_image(dets, len(batch.sizes))
