@@ -146,11 +146,23 @@ def _run(flow_fn, params: Path, **kwargs) -> Any:
         raise typer.Exit(1) from None
 
 
+def _connect_prefect() -> str | None:
+    """Point this process at the project's Prefect server, starting it if needed (before Prefect is
+    imported); see :mod:`cvpipe.prefect_server`. Returns its API URL (None: Prefect's temporary server)."""
+    from cvpipe.prefect_server import ServerError, connect
+
+    try:
+        return connect(say=lambda line: typer.echo(line, err=True))
+    except ServerError as err:
+        _fail(str(err), 1)
+
+
 def _run_stage(stage: str, params: Path, set_: list[str] | None, **kwargs) -> Any:
     """Parse and validate ``--set`` overrides, take the project lock, then run one stage's flow."""
     ov = _overrides(set_)
     _check(params, ov)
     with _project_lock():
+        _connect_prefect()
         return _run(_flow(stage), params, overrides=ov or None, **kwargs)
 
 
@@ -243,16 +255,17 @@ def run(
                 _fail(f"error: {one_line(str(err))}", 2)
             typer.echo(f"params: wrote {', '.join(f'{k}={v}' for k, v in ov.items())} into {params}")
             _check(params, {})
-        from flows.pipeline import pipeline_flow
+        api_url = _connect_prefect()
+        from flows.pipeline import headline, pipeline_flow
 
         t0 = time.perf_counter()
         rows = _run(pipeline_flow, params, force=force)
         total = time.perf_counter() - t0
     typer.echo("")
     for r in rows:
-        typer.echo(f"  {r['stage']:<26} {r['status']:<8} {r['seconds']:>7.1f} s")
+        typer.echo(f"  {r['stage']:<26} {r['status']:<8} {r['seconds']:>7.1f} s   {headline(r)}".rstrip())
     typer.echo(f"  {'total (with start-up)':<26} {'':<8} {total:>7.1f} s")
-    _where_to_look(params)
+    _where_to_look(params, api_url)
 
 
 @app.command()
@@ -269,6 +282,7 @@ def serve(
     command works in the project fails at once, naming it); serving itself holds no lock.
     """
     _check(params, {})
+    api_url = _connect_prefect()
     from prefect import serve as prefect_serve
 
     from flows.pipeline import pipeline_deployment
@@ -278,6 +292,8 @@ def serve(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--cron") from None
     typer.echo(f"serving pipeline/{name} on cron {cron!r}; Ctrl-C to stop")
+    if api_url:
+        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}/runs")
     prefect_serve(deployment)
 
 
@@ -378,6 +394,7 @@ def sweep(
     for b in names:
         _check(params, {**ov, "train.backbone": b})
     with _project_lock():
+        _connect_prefect()
         from cvpipe.compare import format_table, run_row
         from cvpipe.params import load_params
         from cvpipe.tracking import configure
@@ -409,6 +426,76 @@ def sweep(
         typer.echo(f"\noutputs under {root}; all runs: cvpipe compare")
 
 
+server_app = typer.Typer(
+    help="The project's persistent Prefect server: run history and the Prefect UI (127.0.0.1, database "
+         "in .prefect/). Commands that run flows start it when needed.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+def _user_server_note() -> bool:
+    """Say so and return True when the user's own PREFECT_API_URL is in charge."""
+    from cvpipe.prefect_server import healthy, user_api_url
+
+    url = user_api_url()
+    if url is None:
+        return False
+    answer = "answers" if healthy(url) else "does not answer"
+    typer.echo(f"PREFECT_API_URL is set ({url}, {answer}): cvpipe uses it and starts or stops no server")
+    return True
+
+
+@server_app.command("start")
+def server_start(
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port on 127.0.0.1 (default: "
+                    "CVPIPE_PREFECT_PORT, else the last one if free, else any free port).")] = None,
+) -> None:
+    """Start the project's Prefect server unless it already runs; print where its UI is."""
+    from cvpipe.prefect_server import ServerError, log_path, start
+
+    if _user_server_note():
+        return
+    try:
+        state = start(port=port, say=lambda line: typer.echo(line, err=True))
+    except ServerError as err:
+        _fail(str(err), 1)
+    typer.echo(f"Prefect server: {state.ui_url} (pid {state.pid}; API {state.url}; log {log_path()})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether the project's Prefect server runs, and its URL (exit code 1 when it does not)."""
+    from cvpipe.prefect_server import log_path, prefect_home, status
+
+    if _user_server_note():
+        return
+    state, why = status()
+    if why is None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.started))
+        typer.echo(f"Prefect server: {state.ui_url} (pid {state.pid}, since {since}; API {state.url}; "
+                   f"database in {prefect_home()}; log {log_path()})")
+        return
+    typer.echo(f"Prefect server: not running ({why}); the next command that runs a flow, or "
+               "`cvpipe server start`, starts it")
+    raise typer.Exit(1)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the project's Prefect server (its run history stays in .prefect/)."""
+    from cvpipe.prefect_server import ServerError, stop
+
+    if _user_server_note():
+        return
+    try:
+        state = stop()
+    except ServerError as err:
+        _fail(str(err), 1)
+    typer.echo(f"Prefect server stopped (pid {state.pid}, {state.ui_url})" if state else
+               "Prefect server: none running")
+
+
 def _profile(name: str) -> dict[str, Any]:
     import yaml
 
@@ -420,12 +507,14 @@ def _profile(name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _where_to_look(params: Path) -> None:
+def _where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
     from cvpipe.params import load_params
     from cvpipe.tracking import tracking_uri
 
     p = load_params(params)
     typer.echo("\nWhere to look:")
+    if prefect_api_url:
+        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}/runs   (cvpipe server status|stop)")
     typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri(p)} --host 127.0.0.1")
     typer.echo(f"  metrics:         dvc metrics show   (files under {p.paths.evaluate}/ and {p.paths.detect}/)")
     typer.echo(f"  curves:          dvc plots show     ({p.paths.evaluate}/accuracy.png)")

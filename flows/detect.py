@@ -37,7 +37,7 @@ def network_threads(dp: DetectParams) -> int | None:
     return None
 
 
-@flow(name="detect-shards")
+@flow(name="detect-shards", flow_run_name="detect-shards")
 def detect_shards(p: Params, staging: Path) -> list[ShardResult]:
     """List and shard the inputs and create ``staging``, then run one ``detect-shard`` task per
     shard on this flow's task runner, annotated images going to ``staging`` (the shards stay
@@ -50,7 +50,7 @@ def detect_shards(p: Params, staging: Path) -> list[ShardResult]:
     return futures.result()
 
 
-@flow(name="detect", log_prints=True)
+@flow(name="detect", flow_run_name="detect", log_prints=True)
 def detect_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
                 input: str | None = None) -> dict:
     """Detect objects in every input image with YOLOv3; ``input`` overrides ``detect.input``.

@@ -11,7 +11,7 @@ from cvpipe.tracking import stage_run
 from tasks.download import download_task
 
 
-@flow(name="download", log_prints=True)
+@flow(name="download", flow_run_name="download", log_prints=True)
 def download_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Fetch and verify the dataset, classifier weights, detector files and sample photos."""
     p = load_params(params_file, overrides)

@@ -45,7 +45,7 @@ def model_run(p: Params, mode: str) -> Iterator[StageRun]:
         yield run
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name="evaluate", log_prints=True)
 def evaluate_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Evaluate every mode of ``train.modes`` that has a trained model; returns {mode: test metrics}."""
     p = load_params(params_file, overrides)

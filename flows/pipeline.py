@@ -79,18 +79,45 @@ def run_stage(stage: str, params_file: str, force: bool, device: str) -> dict[st
     return {"stage": stage, "status": "ran", "seconds": round(seconds, 1), "result": result}
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def headline(row: dict[str, Any]) -> str:
+    """A stage's headline figures from its result, for the summary artifact and the CLI's table.
+
+    evaluate: test accuracy per mode (its result is nested, {mode: {test_acc, ...}}); detect:
+    images, detections, failures and images/s; train: best validation accuracy, epochs, images/s;
+    preprocess: split sizes; download: what it provided. Empty for a stage that did not run.
+    """
+    res = row.get("result")
+    if not isinstance(res, dict) or not res:
+        return ""
+    stage = str(row.get("stage", "")).partition("@")[0]
+    if stage == "evaluate":
+        accs = {m: v["test_acc"] for m, v in res.items() if isinstance(v, dict) and "test_acc" in v}
+        return ", ".join(f"test_acc[{m}]={_fmt(a)}" for m, a in accs.items())
+    keys = {"detect": ("images", "detections", "failures", "images_per_s"),
+            "train": ("best_val_acc", "epochs", "images_per_s"),
+            "preprocess": ("dataset",),
+            "download": ("detector", "samples")}.get(stage)
+    if keys is None:
+        keys = tuple(k for k, v in res.items() if isinstance(v, (int, float, str)) and len(str(v)) < 60)[:6]
+    shown = [f"{k}={_fmt(res[k])}" for k in keys if k in res]
+    if stage == "preprocess" and isinstance(res.get("counts"), dict):
+        shown.append("/".join(f"{k} {v}" for k, v in res["counts"].items()))
+    return ", ".join(shown)
+
+
 def _summary_markdown(rows: list[dict], total: float) -> str:
-    lines = ["# Pipeline run", "", "| stage | status | seconds | key results |", "|---|---|---|---|"]
+    lines = ["# Pipeline run", "", "| stage | status | seconds | headline |", "|---|---|---|---|"]
     for r in rows:
-        res = r.get("result") or {}
-        keys = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and len(str(v)) < 60}
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(keys.items())[:6])
-        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {shown} |")
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {headline(r)} |")
     lines += ["", f"Total wall time: {total:.1f} s"]
     return "\n".join(lines)
 
 
-@flow(name="pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="pipeline", flow_run_name="pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def pipeline_flow(params_file: str = "params.yaml", force: bool = False) -> list[dict]:
     """Run the whole DAG; stages that DVC reports up to date are skipped unless ``force``.
 

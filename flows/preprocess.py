@@ -11,7 +11,7 @@ from cvpipe.tracking import stage_run
 from tasks.preprocess import CARD, preprocess_task
 
 
-@flow(name="preprocess", log_prints=True)
+@flow(name="preprocess", flow_run_name="preprocess", log_prints=True)
 def preprocess_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Turn the raw dataset into uint8 train / val / test arrays and a dataset card."""
     p = load_params(params_file, overrides)

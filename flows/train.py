@@ -42,7 +42,7 @@ def weights_label(weights: str) -> str:
     return {"none": "random init (no pretrained weights)"}.get(weights, weights)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", flow_run_name="train-{mode}", log_prints=True)
 def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
                mode: str = "feature_extractor") -> dict:
     """Train one mode (``feature_extractor`` or ``fine_tune``); returns its final metrics."""

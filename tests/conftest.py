@@ -37,6 +37,44 @@ DEFAULT_PARAMS.write_text(_default_params_text())
 # Prefect reads PREFECT_HOME at import: keep its state out of the user's home and the project.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cvpipe-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# CLI processes the tests start use Prefect's temporary server (stopped when they exit), as they
+# did before the persistent one; tests/test_prefect_server.py starts and stops persistent ones itself.
+os.environ.setdefault("CVPIPE_PREFECT_SERVER", "temporary")
+
+
+def _persistent_servers_under(folder: str) -> list[int]:
+    """Pids of cvpipe's persistent Prefect servers whose PREFECT_HOME lies under ``folder`` (Linux)."""
+    from cvpipe.prefect_server import TOKEN_VAR
+
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        home = env.get(b"PREFECT_HOME", b"").decode(errors="replace")
+        if TOKEN_VAR.encode() in env and home.startswith(folder):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_prefect_server_left(tmp_path_factory):
+    """The suite ends with no persistent Prefect server of a test project running: any left under the
+    session's temporary folder (a test that failed before its own `cvpipe server stop`) is stopped here."""
+    base = str(tmp_path_factory.getbasetemp().resolve())
+    yield
+    import signal
+    import warnings
+
+    left = _persistent_servers_under(base)
+    for pid in left:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    if left:
+        warnings.warn(f"stopped Prefect servers left running by tests: pids {left}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

@@ -142,7 +142,9 @@ def _running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds servers through /proc (Linux)")
 def test_prefect_server_of_a_killed_command_is_stopped_by_the_next_one(tmp_path):
     write_params(tmp_path)
-    cli = subprocess.Popen([CVPIPE, "preprocess"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+    # Prefect's temporary server per process (the persistent one outlives its command by design).
+    env = {**ENV, "CVPIPE_PREFECT_SERVER": "temporary"}
+    cli = subprocess.Popen([CVPIPE, "preprocess"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     server = None
     try:
@@ -159,7 +161,7 @@ def test_prefect_server_of_a_killed_command_is_stopped_by_the_next_one(tmp_path)
         assert find_orphaned_servers(ROOT) == []  # another project's servers are not touched
 
         # The next command in the project (here one that fails validation at once) stops it.
-        r = subprocess.run([CVPIPE, "preprocess", "--set", "train.lr=abc"], cwd=tmp_path, env=ENV,
+        r = subprocess.run([CVPIPE, "preprocess", "--set", "train.lr=abc"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
