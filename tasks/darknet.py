@@ -50,22 +50,26 @@ def _ints(value: str) -> list[int]:
 
 
 class YoloHead(nn.Module):
-    """Decode one YOLO layer's map into rows relative to the network input."""
+    """Decode one YOLO layer's map into rows relative to the network input.
 
-    def __init__(self, anchors: list[tuple[float, float]], classes: int, net_wh: tuple[int, int]):
+    Anchors are in input pixels: box sizes are divided by the size of the input actually given
+    (as Darknet, which resizes the network to its input, and OpenCV do), not the cfg's width.
+    """
+
+    def __init__(self, anchors: list[tuple[float, float]], classes: int):
         super().__init__()
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32), persistent=False)
-        self.classes, self.net_wh = classes, net_wh
+        self.classes = classes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_wh: tuple[int, int]) -> torch.Tensor:
         n, _, h, w = x.shape
         a = len(self.anchors)
         p = x.float().view(n, a, 5 + self.classes, h, w).permute(0, 3, 4, 1, 2)  # N, H, W, A, 5 + C
         gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
         cx = (p[..., 0].sigmoid() + gx[..., None]) / w
         cy = (p[..., 1].sigmoid() + gy[..., None]) / h
-        bw = p[..., 2].exp() * self.anchors[:, 0] / self.net_wh[0]
-        bh = p[..., 3].exp() * self.anchors[:, 1] / self.net_wh[1]
+        bw = p[..., 2].exp() * self.anchors[:, 0] / input_wh[0]
+        bh = p[..., 3].exp() * self.anchors[:, 1] / input_wh[1]
         obj = p[..., 4].sigmoid()
         cls = p[..., 5:].sigmoid() * obj[..., None]
         rows = torch.cat([torch.stack([cx, cy, bw, bh, obj], -1), cls], -1)
@@ -79,7 +83,6 @@ class Darknet(nn.Module):
         super().__init__()
         sections = parse_cfg(cfg_text)
         net = sections[0]
-        self.net_wh = (int(net.get("width", 416)), int(net.get("height", 416)))
         channels = [int(net.get("channels", 3))]  # output channels of each layer; [0] is the input
         self.layers = nn.ModuleList()
         self.kinds: list[str] = []
@@ -121,7 +124,7 @@ class Darknet(nn.Module):
                 mask = _ints(s["mask"])
                 pairs = _ints(s["anchors"].replace(" ", ""))
                 anchors = [(float(pairs[2 * m]), float(pairs[2 * m + 1])) for m in mask]
-                layer, c_out = YoloHead(anchors, int(s["classes"]), self.net_wh), c_in
+                layer, c_out = YoloHead(anchors, int(s["classes"])), c_in
             else:
                 raise DarknetError(f"layer {i}: [{kind}] is not supported")
             self.layers.append(layer)
@@ -130,6 +133,7 @@ class Darknet(nn.Module):
             channels.append(c_out)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        input_wh = (x.shape[3], x.shape[2])
         outs: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
         for layer, kind, link in zip(self.layers, self.kinds, self.links):
@@ -138,7 +142,7 @@ class Darknet(nn.Module):
             elif kind == "shortcut":
                 x = x + outs[link[0]]
             elif kind == "yolo":
-                rows.append(layer(x))
+                rows.append(layer(x, input_wh))
             else:
                 x = layer(x)
             outs.append(x)
