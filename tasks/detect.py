@@ -388,6 +388,17 @@ class Predictor:
                            self.dp.nms_threshold, batch.frames)
 
 
+def cuda_available() -> bool:
+    """Whether PyTorch sees a CUDA device. On Linux without a GPU driver (no NVIDIA or ROCm device
+    files) the answer is no without importing torch, which costs seconds an OpenCV run never needs."""
+    if "torch" not in sys.modules and sys.platform == "linux" and not any(
+            os.path.exists(f) for f in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_backend(backend: str, device: str) -> tuple[str, str]:
     """The backend and device a run uses: ``auto`` is torch when CUDA is there, OpenCV otherwise;
     the torch backend's device follows ``device`` (``auto``: CUDA when available).
@@ -396,9 +407,7 @@ def resolve_backend(backend: str, device: str) -> tuple[str, str]:
         ParamsError: CUDA asked for but not available, or ``device: cuda`` with the OpenCV backend
             (pip's OpenCV has no CUDA; nothing is switched silently).
     """
-    import torch
-
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available() if device != "cpu" else False
     if device == "cuda" and not cuda:
         raise ParamsError("device: cuda, but PyTorch finds no CUDA device: set device to auto or cpu")
     if backend == "auto":

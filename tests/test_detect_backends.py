@@ -237,17 +237,31 @@ def test_full_yolov3_structure_matches_opencv(tmp_path):
 
 
 def test_backend_and_device_resolution(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tasks.detect, "cuda_available", lambda: False)
     assert resolve_backend("auto", "auto") == ("opencv", "cpu")
     assert resolve_backend("torch", "auto") == ("torch", "cpu")
     assert resolve_backend("opencv", "cpu") == ("opencv", "cpu")
     with pytest.raises(ParamsError, match="no CUDA"):
         resolve_backend("torch", "cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tasks.detect, "cuda_available", lambda: True)
     assert resolve_backend("auto", "auto") == ("torch", "cuda")
     assert resolve_backend("auto", "cpu") == ("opencv", "cpu")
     with pytest.raises(ParamsError, match="runs on the CPU only"):
         resolve_backend("opencv", "cuda")
+
+
+def test_an_opencv_run_does_not_import_torch(tmp_path):
+    """Without a GPU driver, an OpenCV run never imports torch (seconds of start-up)."""
+    import subprocess
+    import sys
+
+    if tasks.detect.cuda_available():
+        pytest.skip("a CUDA device is present: auto picks torch")
+    code = ("import sys; from tasks.detect import resolve_backend; "
+            "print(resolve_backend('auto', 'auto'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    assert out[-1] == "False"
 
 
 @pytest.fixture(scope="module")
