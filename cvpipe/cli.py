@@ -6,8 +6,8 @@ heavy imports (Prefect, MLflow, torch), so a typo fails in a fraction of a secon
 
 Commands that run stages or write params.yaml (download, preprocess, train, evaluate,
 detect, run, sweep) hold the project lock (:mod:`cvpipe.lock`) while they work: a second
-one in the same project exits at once with one line naming the running one. ``compare``
-and ``predict`` only read: they take no lock; ``serve`` waits for its schedule, and each
+one in the same project exits at once with one line naming the running one. ``compare``,
+``predict`` and ``serve-model`` only read: they take no lock; ``serve`` waits for its schedule, and each
 scheduled run takes the lock (inside the pipeline flow).
 An error the user can act on is printed as one ``error: ...`` line (exit code 1, or 2 for
 invalid parameters), never a traceback.
@@ -16,6 +16,7 @@ invalid parameters), never a traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -303,6 +304,8 @@ def compare(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Table of the MLflow training runs (mode, backbone, key params, accuracies, duration, data hash) and a plot."""
+    if limit < 1:
+        _fail(f"error: --limit must be at least 1 (the newest N runs), got {limit}", 2)
     _check(params, {})
     from cvpipe.compare import collect_runs, format_table, plot_comparison, to_csv
     from cvpipe.io import atomic_write_text
@@ -320,43 +323,93 @@ def compare(
     typer.echo(f"\nwrote {out / 'runs.csv'} and {out / 'runs.png'}")
 
 
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-model-code",
+    help="Also load a model whose MLmodel would run code (code_paths, a pickled python_model, a loader "
+         "outside cvpipe): only for a tracking store you trust.")]
+
+
+def _load_model(p, alias: str, trust_model_code: bool):
+    """The registered model at ``alias`` (:func:`cvpipe.registry.load_registered`), or one error line."""
+    from mlflow.exceptions import MlflowException
+
+    from cvpipe.errors import UserError, user_facing
+    from cvpipe.registry import load_registered
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar for a few KB
+    try:
+        return load_registered(p, alias, trust_model_code=trust_model_code)
+    except UserError as err:
+        _fail(user_facing(err), 1)
+    except MlflowException as err:
+        _fail(f"error: cannot load models:/{p.mlflow.registered_model}@{alias}: {err.message.splitlines()[0]}; "
+              "run `cvpipe run` (or train + evaluate) first: evaluate registers the best model", 1)
+
+
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to classify.", exists=True, dir_okay=False)],
     top: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to print per image.")] = 3,
     alias: Annotated[str, typer.Option(help="Registered-model alias to load.")] = "champion",
-    trust_model_code: Annotated[bool, typer.Option(
-        "--trust-model-code",
-        help="Also load a model whose MLmodel would run code (code_paths, a pickled python_model, a loader "
-             "outside cvpipe): only for a tracking store you trust.")] = False,
+    trust_model_code: TrustOpt = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Classify images with the registered model `models:/<mlflow.registered_model>@champion`.
 
-    The model is loaded as data (a card and pickle-free weights) by the installed cvpipe package;
-    nothing from the tracking store is executed unless --trust-model-code.
+    Prints which model version answers (its training mode, backbone, dataset and classes), then
+    the top-k classes of each image. A file that is not a readable image is one `error:` line
+    (exit code 1); the other files are still classified. The model is loaded as data (a card and
+    pickle-free weights) by the installed cvpipe package; nothing from the tracking store is
+    executed unless --trust-model-code.
     """
     _check(params, {})
-    from mlflow.exceptions import MlflowException
-
-    from cvpipe.errors import UserError, user_facing
     from cvpipe.params import load_params
-    from cvpipe.registry import predict as predict_images
+    from cvpipe.registry import classify
 
     p = load_params(params)
-    try:
-        results = predict_images(p, list(images), top, alias, trust_model_code=trust_model_code)
-    except UserError as err:
-        _fail(user_facing(err), 1)
-    except MlflowException as err:
-        typer.secho(f"error: cannot load models:/{p.mlflow.registered_model}@{alias}: {err.message}\n"
-                    "Run `cvpipe run` (or train + evaluate) first: evaluate registers the best model.",
-                    fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    for r in results:
+    loaded = _load_model(p, alias, trust_model_code)
+    typer.echo(loaded.describe())
+    failed = 0
+    for r in classify(loaded, list(images), top):
+        if "error" in r:
+            failed += 1
+            typer.secho(f"error: {r['path']}: {r['error']}", fg=typer.colors.RED, err=True)
+            continue
         typer.echo(r["path"])
         for name, prob in r["top"]:
             typer.echo(f"  {prob:7.2%}  {name}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("serve-model")
+def serve_model(
+    alias: Annotated[str, typer.Option(help="Registered-model alias to serve.")] = "champion",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5001,
+    trust_model_code: TrustOpt = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve the registered model as an HTTP API (MLflow's scoring protocol) until Ctrl-C.
+
+    POST /invocations with base64-encoded image files or image arrays, e.g.
+    {"inputs": {"image": ["<base64 PNG or JPEG>"]}, "params": {"k": 3}}; each image gets its most
+    probable class (label, probability), the top k, the logits and the probabilities. A request
+    the model cannot take is a 400 with a one-line message. The tracking store and the model come
+    from params.yaml; it runs from the project's virtualenv, activated or not.
+    """
+    _check(params, {})
+    from cvpipe.errors import user_facing
+    from cvpipe.params import load_params
+    from cvpipe.serving import PortUnavailable, check_port, serve
+
+    try:
+        check_port(host, port)
+    except PortUnavailable as err:
+        _fail(user_facing(err), 1)
+    p = load_params(params)
+    loaded = _load_model(p, alias, trust_model_code)
+    serve(loaded, host, port, say=typer.echo)
 
 
 @app.command()

@@ -11,9 +11,14 @@ Why not a ``torch.export`` program (.pt2): ``torch.export.load`` unpickles parts
 (its sample inputs fall back to ``weights_only=False``) and evaluates symbolic shape expressions,
 so anyone who can write to the store could make a .pt2 run code on the reader's machine.
 
-The pyfunc's ``predict`` takes uint8 (N, C, H, W) images (C = 1 or 3, any H and W), or floats in
-[0, 1], and returns ``{"logits": (N, K), "probabilities": (N, K)}`` (float32, class order of
-``classifier.json``).
+The pyfunc's ``predict`` takes what a client has (see :func:`images_from_input`): encoded image
+files (PNG, JPEG, ...; bytes, or base64 strings as JSON carries them, alone, in a list, or in an
+``image`` field or column), or arrays of uint8 (N, C, H, W) images (C = 1 or 3, any H and W) or of
+floats in [0, 1]. It returns, per image, the most probable class and its probability, the top ``k``
+classes (param ``k``, default :data:`TOP_K`), and the logits and probabilities (float32, class
+order of ``classifier.json``). Its signature declares the ``k`` param and no input schema: MLflow
+would otherwise cast every input to one dtype before the model sees it (floats in [0, 1] to uint8
+zeros) and refuse strings; the model checks its inputs itself, with short messages.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,8 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PYFUNC_KEYS = {"loader_module", "python_version", "data", "env", "streamable"}
 _GREY = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB2GRAY
 _BATCH = 32  # images per forward pass: bounds memory for large batches at large network sizes
+TOP_K = 3  # classes reported per image unless the caller passes the param ``k``
+IMAGE_FIELD = "image"  # the field (column) of encoded images in a JSON request
 
 
 class UntrustedModel(TrackingError):
@@ -150,7 +158,8 @@ def as_model_input(images: Any, channels: int, input_size: tuple[int, int] | lis
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0 or min(x.shape[2:]) == 0:
-        raise InvalidInput(f"expected images as (N, C, H, W) with C = 1 or 3, got shape {tuple(x.shape)}")
+        hint = " (channels last? send (N, C, H, W))" if x.ndim == 4 and x.shape[3] in (1, 3) else ""
+        raise InvalidInput(f"expected images as (N, C, H, W) with C = 1 or 3, got shape {tuple(x.shape)}{hint}")
     x = _to_uint8(x)
     if x.shape[1] == 3 and channels == 1:
         x = np.stack([cv2.cvtColor(np.ascontiguousarray(im.transpose(1, 2, 0)), cv2.COLOR_RGB2GRAY)
@@ -180,6 +189,92 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     raise InvalidInput(f"expected uint8 or float images, got dtype {x.dtype}")
 
 
+def images_from_input(model_input: Any, channels: int, input_size: tuple[int, int] | list[int],
+                      max_pixels: int | None = None) -> np.ndarray:
+    """What a client sends, as :func:`as_model_input` returns it: uint8 (N, ``channels``, H, W).
+
+    Accepted (what MLflow's scoring server makes of a JSON request without an input schema):
+
+    - encoded image files: ``bytes``, or base64 ``str`` (a ``data:image/...;base64,`` prefix is
+      allowed), alone, in a list or 1-D array, or under the key (column) ``image`` of a dict or
+      DataFrame (``{"inputs": {"image": [...]}}``, ``{"instances": [{"image": ...}]}``,
+      ``{"dataframe_records": [{"image": ...}]}``); each is decoded by the project's image reader
+      (:func:`tasks.images.decode_image`, with its pixel limit), any size, grey or colour;
+    - arrays (or nested lists) of images: see :func:`as_model_input`.
+
+    Raises:
+        InvalidInput: naming the first bad image (its index) and why, in one short line.
+    """
+    pd = sys.modules.get("pandas")  # a DataFrame comes only from code that imported pandas
+
+    x = model_input
+    if pd is not None and isinstance(x, pd.DataFrame):
+        if IMAGE_FIELD not in x.columns:
+            raise InvalidInput(f"expected a column {IMAGE_FIELD!r} of base64-encoded image files, "
+                               f"got columns {[str(c)[:40] for c in x.columns[:5]]}")
+        x = x[IMAGE_FIELD].tolist()
+    elif isinstance(x, Mapping):
+        if IMAGE_FIELD not in x:
+            raise InvalidInput(f"expected the field {IMAGE_FIELD!r} (base64-encoded image files), "
+                               f"got fields {[str(k)[:40] for k in list(x)[:5]]}")
+        x = x[IMAGE_FIELD]
+    if isinstance(x, (str, bytes)):
+        x = [x]
+    if isinstance(x, np.ndarray) and x.dtype.kind in "USO":
+        x = x.reshape(-1).tolist() if x.ndim <= 1 else x
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, (str, bytes)) for v in x):
+        decoded = [_decode_one(v, i, max_pixels) for i, v in enumerate(x)]
+        return np.concatenate([as_model_input(im.transpose(2, 0, 1), channels, input_size) for im in decoded])
+    if isinstance(x, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in x):
+        raise InvalidInput("expected either encoded image files or image arrays, not both in one request")
+    try:
+        arr = np.asarray(x)
+    except ValueError:
+        raise InvalidInput("images in one array must all have one shape: send images of different sizes "
+                           "as encoded files (base64), or in separate requests") from None
+    if arr.dtype.kind in "USO":
+        raise InvalidInput(f"expected encoded image files (base64 strings) or numeric image arrays, "
+                           f"got {'mixed values' if arr.dtype.kind == 'O' else 'strings'} of shape {arr.shape}")
+    return as_model_input(arr, channels, input_size)
+
+
+def _decode_one(value: str | bytes, index: int, max_pixels: int | None) -> np.ndarray:
+    """One encoded image (bytes, or base64 text) as RGB uint8 (H, W, 3)."""
+    import base64
+    import binascii
+
+    from tasks.images import MAX_PIXELS, decode_image
+
+    data = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text:  # a data URL, as browsers write them
+            text = text.split(",", 1)[1]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"image {index}: not base64 (send each image file base64-encoded)") from None
+    try:
+        return decode_image(data, MAX_PIXELS if max_pixels is None else max_pixels)
+    except ValueError as err:
+        raise InvalidInput(f"image {index}: {err}") from None
+
+
+def top_k(probabilities: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes of one image, most probable first: [{"label", "probability"}]."""
+    idx = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"label": classes[i], "probability": float(probabilities[i])} for i in idx]
+
+
+def _k_param(params: Mapping[str, Any] | None) -> int:
+    k = (params or {}).get("k", TOP_K)
+    if k is None:
+        return TOP_K
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInput(f"param k must be a positive integer, got {str(k)[:20]!r}")
+    return int(k)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -201,17 +296,35 @@ class Classifier:
     def classes(self) -> list[str]:
         return list(self.card["classes"])
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """Logits and softmax probabilities for each image; see :func:`as_model_input` for inputs."""
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Classify images; see :func:`images_from_input` for what ``model_input`` may be.
+
+        Args:
+            model_input: encoded image files or image arrays.
+            params: ``{"k": classes reported per image}`` (default :data:`TOP_K`; at most all classes).
+
+        Returns:
+            One entry per image in each of: ``label`` (the most probable class), ``probability``
+            (its probability), ``top_k`` ([{"label", "probability"}], most probable first),
+            ``logits`` and ``probabilities`` ((N, K) float32 arrays, class order of the card).
+
+        Raises:
+            InvalidInput: an input the model cannot take (one short line).
+        """
         import torch
 
-        x = as_model_input(model_input, self.card["channels"], self.card["input_size"])
+        k = _k_param(params)
+        x = images_from_input(model_input, self.card["channels"], self.card["input_size"])
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), _BATCH):
                 out.append(self.network(torch.from_numpy(x[start:start + _BATCH])).float().numpy())
         logits = np.concatenate(out).astype(np.float32)
-        return {"logits": logits, "probabilities": softmax(logits)}
+        probs = softmax(logits)
+        best = probs.argmax(axis=1)
+        classes = self.classes
+        return {"label": [classes[i] for i in best], "probability": probs[np.arange(len(best)), best],
+                "top_k": [top_k(row, classes, k) for row in probs], "logits": logits, "probabilities": probs}
 
     def get_raw_model(self):
         """The torch module (uint8 images at the training size in, logits out)."""
@@ -242,13 +355,23 @@ def _build(card: Mapping[str, Any], state_dict: Mapping[str, Any]) -> Classifier
                                             card["interpolation"]))
 
 
-def signature(example: np.ndarray, output: Mapping[str, np.ndarray]):
-    """The MLflow signature: uint8 (N, C, H, W) images of any size in; logits and probabilities out."""
-    from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types import Schema, TensorSpec
+def signature(example: np.ndarray | None = None, output: Mapping[str, Any] | None = None):
+    """The MLflow signature: the ``k`` param and the outputs; no input schema.
 
-    outputs = infer_signature(example, dict(output)).outputs
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]), outputs=outputs)
+    MLflow enforces an input schema before the model sees the data: a tensor schema casts every
+    request to its one dtype (floats in [0, 1] become uint8 zeros) and refuses base64 strings, and
+    a column schema refuses arrays. The model checks what it is given itself
+    (:func:`images_from_input`). ``example`` and ``output`` are accepted for callers that pass them.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
+
+    outputs = Schema([
+        ColSpec("string", "label"), ColSpec("float", "probability"),
+        ColSpec(Array(Object([Property("label", "string"), Property("probability", "float")])), "top_k"),
+        ColSpec(Array("float"), "logits"), ColSpec(Array("float"), "probabilities")])
+    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("k", "long", TOP_K)]))
 
 
 def save_classifier_data(clf: Classifier, out_dir: str | Path) -> Path:

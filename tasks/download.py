@@ -21,7 +21,8 @@ import pooch
 from prefect import task
 
 from cvpipe.errors import UserError
-from cvpipe.io import ChecksumError, atomic_path, file_hash, safe_extract, save_npz, verify_file, write_json
+from cvpipe.io import (ChecksumError, atomic_path, file_hash, load_npz, safe_extract, save_npz, verify_file,
+                       write_json)
 from cvpipe.params import DownloadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -371,8 +372,27 @@ def _taken(path: Path, data: bytes, recorded: bool) -> bool:
     return not recorded and not (path.is_file() and path.read_bytes() == data)
 
 
+def digit_sample(digits_file: Path, label: int = 7, scale: int = 8) -> dict[str, bytes]:
+    """``{"digit_<label>.png": PNG bytes}``: one handwritten digit of the ``digits`` dataset (the last
+    image of that class in scikit-learn's order), enlarged ``scale`` times by pixel repetition so
+    that it can be looked at; area-resizing it back, as the model does, gives the 8x8 image exactly.
+
+    It gives ``cvpipe predict`` and the model server an example of the model's own domain.
+    """
+    import cv2
+
+    raw = load_npz(digits_file)
+    index = int(np.flatnonzero(raw["labels"] == label)[-1])
+    img = raw["images"][index]
+    big = cv2.resize(img, (img.shape[1] * scale, img.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+    ok, buf = cv2.imencode(".png", big)
+    if not ok:
+        raise RuntimeError("could not encode the digit sample")
+    return {f"digit_{label}.png": buf.tobytes()}
+
+
 def export_samples(names: list[str], out_dir: Path, scale: float | None = None,
-                   canvas_wh: tuple[int, int] = (800, 600)) -> list[Path]:
+                   canvas_wh: tuple[int, int] = (800, 600), extra: dict[str, bytes] | None = None) -> list[Path]:
     """Write scikit-image's bundled photos as JPEGs: an offline input set for ``detect``.
 
     With ``scale``, each photo is also written as ``<name>_scene.jpg``: the photo at that
@@ -386,14 +406,17 @@ def export_samples(names: list[str], out_dir: Path, scale: float | None = None,
     overwritten (unless it already holds the same bytes). The manifest is written before
     any photo, so a run killed midway leaves nothing unrecorded.
 
+    ``extra`` ({file name: bytes}, e.g. :func:`digit_sample`) is written and recorded alongside.
+
     Returns:
-        The paths of the photos written, in ``names`` order.
+        The paths of the photos written, in ``names`` order, then those of ``extra``.
 
     Raises:
         ValueError: scikit-image has no photo of one of ``names``.
         ForeignFile: a photo's name is taken by a file this stage did not write.
     """
     encoded = _encode_samples(names, scale, canvas_wh)  # every name checked before anything is touched
+    encoded.update(extra or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     recorded = read_samples_manifest(out_dir)
     taken = [f for f, data in encoded.items() if _taken(out_dir / f, data, f in recorded)]
@@ -424,10 +447,12 @@ def download(p: Params) -> dict:
     raw = p.paths.raw
     raw.mkdir(parents=True, exist_ok=True)
     facts: dict = {"dataset": p.data.dataset}
+    extra_samples: dict[str, bytes] = {}
     if p.data.dataset == "cifar10":
         facts["dataset_file"] = str(download_cifar10(raw, p.download))
     elif p.data.dataset == "digits":
         facts["dataset_file"] = str(export_digits(raw))
+        extra_samples = digit_sample(Path(facts["dataset_file"]))  # for `cvpipe predict data/samples/digit_7.png`
     else:
         src = p.data.imagefolder
         if not src.is_dir():
@@ -441,7 +466,7 @@ def download(p: Params) -> dict:
     facts["detector"] = detector["model"]
     facts["detector_weights_source"] = detector["files"]["model.weights"]["source"]
     facts["samples"] = len(export_samples(p.download.samples, p.paths.samples, p.download.sample_scale,
-                                          tuple(p.download.sample_canvas)))
+                                          tuple(p.download.sample_canvas), extra=extra_samples))
     return facts
 
 

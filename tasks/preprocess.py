@@ -22,6 +22,9 @@ from cvpipe.errors import UserError
 from cvpipe.io import array_hash, load_npz, save_npz, write_json
 from cvpipe.params import Params
 from tasks.download import CIFAR10_ARCHIVE, DIGITS_FILE
+# The image reader lives in a module of its own (no Prefect or scikit-learn: predict and serving
+# import it quickly); stages import it from here.
+from tasks.images import MAX_PIXELS, decode_image, header_pixels, read_image  # noqa: F401
 
 SPLITS = ("train", "val", "test")
 CARD = "card.json"
@@ -78,69 +81,6 @@ def read_cifar10_binary(archive: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
         if y.size and y.max() >= len(classes):
             raise ValueError(f"{archive}: label {y.max()} but only {len(classes)} class names")
     return tx, ty, vx, vy, classes
-
-
-#: Default pixel limit (width x height) of one image; ``detect.max_pixels`` sets it for detection.
-MAX_PIXELS = 100_000_000
-
-
-def header_pixels(path: Path) -> tuple[int, str] | None:
-    """Pixel count (width x height) and a size label, read from the file's header without decoding
-    its pixels; None when Pillow does not know the format (OpenCV may still decode it, under its
-    own 2^30-pixel limit)."""
-    import re
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                return w * h, f"{w}x{h}"
-    except Image.DecompressionBombError as err:
-        # Pillow refuses to open it at all (over 2x its own limit); its message has the pixel count.
-        found = re.search(r"\((\d+) pixels\)", str(err))
-        pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
-        return pixels, f"{pixels:,}-pixel"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
-
-
-def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read an image as RGB uint8 (H, W, 3): grayscale, RGBA and 16-bit are converted.
-
-    The size is read from the header first: an image of more than ``max_pixels`` pixels is
-    refused before any pixel is decoded (a small PNG can decode to gigabytes).
-
-    Raises:
-        ValueError: the file is empty, too large, unreadable or not an image.
-        OSError: the file cannot be opened (missing, a directory, a symlink loop...).
-    """
-    import cv2
-
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(21, "is a directory", str(path))
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
-    header = header_pixels(path)
-    if header is not None and header[0] > max_pixels:
-        raise ValueError(f"{header[1]} image: over the limit of {max_pixels:,} pixels")
-    data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise ValueError("not a decodable image")
-    if img.dtype == np.uint16:
-        img = (img / 257.0).round().astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 class DatasetError(UserError, ValueError):

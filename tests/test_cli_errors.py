@@ -281,3 +281,12 @@ def test_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
     assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in line, line
     assert elapsed < 10, elapsed
     assert not (tmp_path / "data").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_compare_limit_below_one_is_one_line_before_any_work(tmp_path, limit):
+    """`cvpipe compare --limit 0` printed MLflow's traceback about max_results."""
+    write_params(tmp_path)
+    line = _one_error_line(_cvpipe(tmp_path, "compare", "--limit", limit), 2)
+    assert line == f"error: --limit must be at least 1 (the newest N runs), got {limit}", line
+    assert not (tmp_path / "mlruns").exists()  # the tracking store was not even opened

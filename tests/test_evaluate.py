@@ -104,7 +104,7 @@ def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
         model = mlflow.pyfunc.load_model(logged[0].model_uri)
         info = mlflow.models.get_model_info(logged[0].model_uri)
         assert info.flavors["python_function"]["loader_module"] == "cvpipe.model_flavor"
-        assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+        assert info.signature.inputs is None  # the model checks its inputs (images of any kind) itself
         x = np.load(Path(p.paths.processed) / "test.npz")["x"][:5]
         out = model.predict(x)
         assert out["logits"].shape == (5, len(read_json(p.paths.processed / "card.json")["classes"]))

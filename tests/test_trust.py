@@ -125,8 +125,8 @@ def test_logged_model_is_data_only_and_predicts_like_training(project):
     assert pyfunc["loader_module"] == "cvpipe.model_flavor" and not pyfunc.get("code")
     assert "python_model" not in pyfunc and set(_mlmodel(model_dir)["flavors"]) == {"python_function"}
     info = mlflow.models.get_model_info(f"models:/{p.mlflow.registered_model}/1")
-    spec = info.signature.inputs.to_dict()[0]["tensor-spec"]
-    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, -1, -1, -1]
+    # No input schema (MLflow would cast or refuse inputs before the model checks them); the param k.
+    assert info.signature.inputs is None and [q.name for q in info.signature.params.params] == ["k"]
     assert (model_dir / "input_example.json").is_file()
 
     paths = list(project["images"])
@@ -145,12 +145,29 @@ def test_logged_model_is_data_only_and_predicts_like_training(project):
     # The loaded pyfunc takes what a client has: larger images, floats in [0, 1], grey.
     model = mlflow.pyfunc.load_model(f"models:/{p.mlflow.registered_model}@champion")
     base = model.predict(x)
-    assert set(base) == {"logits", "probabilities"} and base["probabilities"] == pytest.approx(expected, abs=1e-5)
+    assert set(base) == {"label", "probability", "top_k", "logits", "probabilities"}
+    assert base["probabilities"] == pytest.approx(expected, abs=1e-5)
+    assert base["label"] == [TINY_CLASSES[i] for i in expected.argmax(1)]
     big = x.repeat(4, axis=2).repeat(4, axis=3)  # area-resizing this back gives x exactly, as preprocess would
     assert model.predict(big)["probabilities"] == pytest.approx(expected, abs=1e-5)
     clf = load_classifier_data(model_dir / "data" / "classifier")
     assert clf.predict(x.astype(np.float32) / 255)["logits"] == pytest.approx(base["logits"], abs=1e-4)
     assert clf.predict(x[:, :1])["probabilities"].shape == (len(x), 4)
+
+
+def test_predict_makes_files_that_are_not_images_per_file_errors(project, tmp_path):
+    """README.md, an empty file and a truncated PNG among real images: each is its own error, the
+    images are still classified, in order (the CLI prints one line per error and exits 1)."""
+    from cvpipe.registry import predict
+
+    image = next(iter(project["images"]))
+    empty, truncated = tmp_path / "empty.png", tmp_path / "truncated.png"
+    empty.write_bytes(b"")
+    truncated.write_bytes(image.read_bytes()[:40])
+    results = predict(project["p"], [ROOT / "README.md", image, empty, truncated, image], k=2)
+    assert [r.get("error") for r in results] == ["not a decodable image", None, "empty file",
+                                                 "not a decodable image", None]
+    assert results[1]["top"] == results[4]["top"] and len(results[1]["top"]) == 2
 
 
 def test_predict_never_runs_code_planted_in_the_store(store, tmp_path):
