@@ -449,7 +449,8 @@ def load_predictor(detector_dir: Path, dp: DetectParams, device: str = "auto") -
             else:
                 det = load_detector(detector_dir, dp.conf_threshold)
                 cached = Predictor(det.classes, dp, det)
-            _PREDICTORS.clear()  # one model per process: a new one replaces the last
+            while len(_PREDICTORS) >= 2:  # a new model replaces the oldest: memory stays bounded
+                _PREDICTORS.pop(next(iter(_PREDICTORS)))
             _PREDICTORS[key] = cached
     # the thresholds, resize and size of this run (the network itself is shared)
     return type(cached)(cached.classes, dp, cached.det)
