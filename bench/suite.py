@@ -54,20 +54,22 @@ class Sizes:
     mem_images: int       # e: generated 3x32x32 uint8 images
     mem_steps: int        # e: training steps at mem_image_size
     mem_image_size: int
-    flow_repeats: int     # d: flow runs (the first one starts Prefect)
+    flow_repeats: int     # d: flow runs in one process (the first one connects to Prefect)
+    stage_repeats: int    # d: `cvpipe preprocess` processes (median overhead)
+    shrunk_dag: bool      # d: the offline DAG shrunk to seconds per stage (proves the code runs)
 
 
 PROFILES: dict[str, Sizes] = {
     "cpu": Sizes(image_size=64, n_train=1000, n_test=400, batch_size=50, epochs=5, ft_steps=20, ft_batch_size=32,
                  workers=2, det_images=240, det_size=416, mem_images=50_000, mem_steps=20, mem_image_size=32,
-                 flow_repeats=4),
+                 stage_repeats=5, shrunk_dag=False, flow_repeats=4),
     "gpu": Sizes(image_size=224, n_train=1437, n_test=360, batch_size=128, epochs=5, ft_steps=100, ft_batch_size=128,
                  workers=2, det_images=256, det_size=416, mem_images=50_000, mem_steps=100, mem_image_size=224,
-                 flow_repeats=4),
+                 stage_repeats=5, shrunk_dag=False, flow_repeats=4),
     # seconds: for tests/test_bench.py, proves the code runs, measures nothing
     "tiny": Sizes(image_size=32, n_train=40, n_test=20, batch_size=10, epochs=2, ft_steps=2, ft_batch_size=8,
                   workers=2, det_images=2, det_size=128, mem_images=2_000, mem_steps=1, mem_image_size=32,
-                  flow_repeats=2),
+                  stage_repeats=2, shrunk_dag=True, flow_repeats=2),
 }
 
 

@@ -25,8 +25,17 @@ PROC = Path("/proc")
 
 
 def prefect_home(root: str | Path = ".") -> Path:
-    """Where the project keeps Prefect's state (database, settings)."""
-    return Path(root).resolve() / ".prefect"
+    """Where the project keeps Prefect's state (database, settings).
+
+    A DVC experiment run outside the workspace (``dvc exp run --temp`` or ``--queue``) works in a
+    copy under ``<project>/.dvc/tmp/exps/``: its runs belong to the project's history and server.
+    """
+    root = Path(root).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i + 1:i + 4] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i + 1]) / ".prefect"
+    return root / ".prefect"
 
 
 def prepare_env(root: str | Path = ".") -> None:
