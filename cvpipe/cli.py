@@ -294,7 +294,7 @@ def serve(
         raise typer.BadParameter(str(err), param_hint="--cron") from None
     typer.echo(f"serving pipeline/{name} on cron {cron!r}; Ctrl-C to stop")
     if api_url:
-        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}/runs")
+        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}")
     prefect_serve(deployment)
 
 
@@ -567,7 +567,7 @@ def _where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
     p = load_params(params)
     typer.echo("\nWhere to look:")
     if prefect_api_url:
-        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}/runs   (cvpipe server status|stop)")
+        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}   (every run; cvpipe server status|stop)")
     typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri(p)} --host 127.0.0.1")
     typer.echo(f"  metrics:         dvc metrics show   (files under {p.paths.evaluate}/ and {p.paths.detect}/)")
     typer.echo(f"  curves:          dvc plots show     ({p.paths.evaluate}/accuracy.png)")
