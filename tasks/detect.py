@@ -1,11 +1,14 @@
-"""The ``detect`` stage: YOLOv3 (Darknet files) through OpenCV's DNN module over a batch of images.
+"""The ``detect`` stage: YOLOv3 (Darknet files) over a batch of images, through OpenCV's DNN module
+or PyTorch (:mod:`tasks.detect_torch`, for GPUs).
 
-Inference is preprocess -> forward -> postprocess, each timed: images are read
-as RGB (a bad file becomes a failure with its reason and the batch goes on),
-resized without letterbox into one blob per batch, run through the network,
-decoded with array operations and filtered by class-aware NMS. Shards of the
-input list are independent, so the flow maps them over any Prefect task runner;
-the outputs are written once, from the merged shard results.
+A :class:`Predictor` runs ``preprocess -> inference -> postprocess``, each timed: images are
+read as RGB on a reader thread (a bad file becomes a failure with its reason and the batch goes
+on) and resized (``detect.resize``: letterbox or stretch) into one batch, run through the
+network, decoded with array operations into boxes in original pixels and filtered by
+class-aware NMS; annotated images are drawn and written on a writer thread. Shards of the
+input list are independent, so the flow maps them over any Prefect task runner; shards on
+threads of one process share one network and take turns at it. The outputs are written once,
+from the merged shard results.
 
 Outputs (under ``paths.detect``): ``detections.jsonl``, ``coco_results.json``,
 ``detections.csv``, ``failures.json``, ``metrics.json`` and, when

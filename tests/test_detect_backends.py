@@ -403,3 +403,22 @@ def test_letterbox_finds_the_labelled_cup_and_motorbike(photos, detector_dir):  
         assert found and max(iou([d["box"][k] for k in "xywh"], want) for d in found) >= 0.5, recs[fname]
     m = coco_map(coco_results(result.records), result.records, ANNOTATIONS)
     assert m["annotated_images"] == len(photos) and m["map50"] > 0.3
+
+
+@pytest.mark.slow
+def test_shards_on_threads_sharing_one_network_give_the_one_shard_result(photos, detector_dir):  # noqa: F811
+    """Three shards on threads take turns at the one cached network: the same records as one shard
+    (no shard reads another's outputs)."""
+    dp = detect_params(conf_threshold=0.25, batch_size=2)
+    items = plan_inputs(photos * 2)
+    one = detect_shard(items, detector_dir, dp).records
+    parts = [items[i::3] for i in range(3)]
+    results: list = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, detect_shard(parts[i], detector_dir, dp)))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    merged = sorted((r for res in results for r in res.records), key=lambda r: r["image_id"])
+    assert merged == one and sum(len(r["detections"]) for r in one) >= 5
