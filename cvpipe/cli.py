@@ -294,7 +294,7 @@ def serve(
         raise typer.BadParameter(str(err), param_hint="--cron") from None
     typer.echo(f"serving pipeline/{name} on cron {cron!r}; Ctrl-C to stop")
     if api_url:
-        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}")
+        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}/runs")
     prefect_serve(deployment)
 
 
@@ -562,13 +562,21 @@ def _profile(name: str) -> dict[str, Any]:
 
 def _where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
     from cvpipe.params import load_params
-    from cvpipe.tracking import tracking_uri
+    from cvpipe.tracking import tracking_uri, ui_runs_url
 
     p = load_params(params)
+    uri = tracking_uri(p)
     typer.echo("\nWhere to look:")
     if prefect_api_url:
-        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}   (every run; cvpipe server status|stop)")
-    typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri(p)} --host 127.0.0.1")
+        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}/runs   (cvpipe server status|stop)")
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"  MLflow UI:       {ui_runs_url(p, uri)}")
+    else:
+        bin_dir = Path(sys.executable).parent  # the venv's mlflow: no activation needed
+        with contextlib.suppress(ValueError):
+            bin_dir = bin_dir.relative_to(Path.cwd())
+        typer.echo(f"  MLflow UI:       {bin_dir}/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        typer.echo(f"                   then open {ui_runs_url(p, 'http://127.0.0.1:5000')}")
     typer.echo(f"  metrics:         dvc metrics show   (files under {p.paths.evaluate}/ and {p.paths.detect}/)")
     typer.echo(f"  curves:          dvc plots show     ({p.paths.evaluate}/accuracy.png)")
     typer.echo(f"  detections:      {p.paths.detect}/images/ and {p.paths.detect}/detections.jsonl")

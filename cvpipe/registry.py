@@ -28,6 +28,11 @@ CHAMPION = "champion"
 REQUIRED_TAGS = ("classes", "test_acc")
 
 
+def logged_model_name(mode: str) -> str:
+    """The name the train flow logs a mode's model under (the UI lists each run's models by it)."""
+    return f"model-{mode}"
+
+
 def version_tags(test_acc: float, mode: str, backbone: str, dataset: str, classes: list[str]) -> dict[str, str]:
     """The tags of a registered version (all strings, as MLflow stores them)."""
     return {"test_acc": str(float(test_acc)), "mode": mode, "backbone": backbone, "dataset": dataset,
@@ -44,10 +49,13 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     Args:
         p: parameters (tracking store and registered model name).
         results: {mode: {"test_acc": float, ...}} from evaluate.
-        run_ids: {mode: MLflow run id that logged that mode's model as ``model``}.
+        run_ids: {mode: MLflow run id that logged that mode's model (:func:`logged_model_name`)}.
 
     Returns:
         {"name", "version", "mode", "test_acc", "champion": bool, "previous_champion_acc"}.
+
+    Raises:
+        ValueError: no evaluated mode has a run, or the best mode's run logged no model.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -55,7 +63,7 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     from cvpipe.io import read_json
     from cvpipe.tracking import configure
 
-    client, _ = configure(p)
+    client, exp_id = configure(p)
     candidates = {m: r for m, r in results.items() if m in run_ids}
     if not candidates:
         raise ValueError("no evaluated model has an MLflow run to register")
@@ -64,7 +72,7 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     name = p.mlflow.registered_model
     repair_version_tags(p)
     classes = read_json(p.paths.processed / "card.json")["classes"]
-    mv = mlflow.register_model(f"runs:/{run_ids[mode]}/model", name,
+    mv = mlflow.register_model(logged_model_uri(client, exp_id, run_ids[mode], mode), name,
                                tags=version_tags(acc, mode, p.train.backbone, p.data.dataset, classes))
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
@@ -76,6 +84,24 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
         client.set_registered_model_alias(name, CHAMPION, mv.version)
     return {"name": name, "version": int(mv.version), "mode": mode, "test_acc": acc,
             "champion": promote, "previous_champion_acc": prev}
+
+
+def logged_model_uri(client, experiment_id: str, run_id: str, mode: str) -> str:
+    """``models:/<model_id>`` of the newest model that run ``run_id`` logged for ``mode``.
+
+    MLflow 3 keeps a logged model outside its run's artifacts: registering from it (rather than
+    ``runs:/<id>/<name>``) is what MLflow 3 expects, without its warning about a missing artifact path.
+
+    Raises:
+        ValueError: the run logged no such model.
+    """
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{logged_model_name(mode)}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1)
+    if not found:
+        raise ValueError(f"MLflow run {run_id} logged no model named {logged_model_name(mode)!r}: "
+                         f"run `cvpipe train --mode {mode}` again")
+    return found[0].model_uri
 
 
 def repair_version_tags(p: Params) -> list[int]:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,21 @@ def configure(p: Params):
         return client, client.create_experiment(p.mlflow.experiment, artifact_location=loc)
 
 
+def ui_runs_url(p: Params, base: str) -> str:
+    """Where MLflow 3's UI at ``base`` shows the training runs of the project's experiment.
+
+    The UI's default for an experiment is the GenAI overview (traces); the ``/runs`` page with
+    ``workflowType=machine_learning`` is the runs table, in the UI's model-training mode (which the
+    UI then remembers). Falls back to the list of experiments when the experiment does not exist yet.
+    """
+    from mlflow.tracking import MlflowClient
+
+    base = base.rstrip("/")
+    exp = MlflowClient(tracking_uri(p)).get_experiment_by_name(p.mlflow.experiment)
+    page = f"experiments/{exp.experiment_id}/runs" if exp is not None else "experiments"
+    return f"{base}/#/{page}?workflowType=machine_learning"
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}
@@ -228,6 +244,23 @@ class StageRun:
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+
+def source_tags(stage: str, root: Path | None = None) -> dict[str, str]:
+    """MLflow's source tags, which fill the UI's Source column and a run's Git commit.
+
+    The source is the stage's flow file; the commit is that of the git checkout holding ``root``
+    (the working directory by default) and is left out outside a checkout or without git.
+    """
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"flows/{stage}.py"}
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path.cwd(), capture_output=True, text=True,
+                           timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return tags
+    if r.returncode == 0 and r.stdout.strip():
+        tags["mlflow.source.git.commit"] = r.stdout.strip()
+    return tags
 
 
 def owner_tags() -> dict[str, str]:
@@ -304,7 +337,7 @@ def stage_run(p: Params, stage: str, run_name: str | None = None,
     """
     client, exp_id = configure(p)
     reap_stale_runs(client, exp_id)
-    all_tags = {"stage": stage, "mlflow.runName": run_name or stage, **owner_tags()}
+    all_tags = {"stage": stage, "mlflow.runName": run_name or stage, **source_tags(stage), **owner_tags()}
     all_tags.update({t: os.environ[e] for e, t in DVC_ENV_TAGS.items() if os.environ.get(e)})
     all_tags.update(tags or {})
     run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name or stage)

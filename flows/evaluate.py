@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,14 +12,9 @@ from prefect import flow
 from cvpipe.params import Params, load_params
 from cvpipe.registry import register_best
 from cvpipe.tracking import StageRun, configure, reap_stale_runs, stage_run
-from tasks.evaluate import ACCURACY_PLOT, METRICS, evaluate_task, model_run_id
+from tasks.evaluate import ACCURACY_PLOT, METRICS, PER_CLASS, evaluate_task, model_run_id
 
 log = logging.getLogger(__name__)
-
-
-def metric_name(name: str) -> str:
-    """``name`` with the characters MLflow rejects in metric keys replaced by ``_`` (class names are free text)."""
-    return re.sub(r"[^\w\-. /]", "_", name)
 
 
 @contextlib.contextmanager
@@ -56,11 +50,11 @@ def evaluate_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | 
     for mode, m in metrics.items():
         with model_run(p, mode) as run:
             run_ids[mode] = run.run_id
-            run.log_metrics({"test_acc": m["test_acc"], "test_loss": m["test_loss"],
-                             **{metric_name(f"test_acc_class_{c}"): a
-                                for c, a in m["per_class_acc"].items() if a is not None}})
+            # Headline metrics only: per-class accuracy is the per_class.json artifact (as metrics, one
+            # bar chart per class would bury the training curves on the run page).
+            run.log_metrics({"test_acc": m["test_acc"], "test_loss": m["test_loss"]})
             run.set_tags({"evaluated": "true"})
-            for name in (f"confusion_{mode}.png", f"confusion_{mode}.json", ACCURACY_PLOT, METRICS):
+            for name in (f"confusion_{mode}.png", f"confusion_{mode}.json", ACCURACY_PLOT, METRICS, PER_CLASS):
                 run.log_artifact(out / name, "evaluate")
     trained = {m: r for m, r in run_ids.items() if r == model_run_id(p, m)}
     if trained:

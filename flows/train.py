@@ -10,17 +10,20 @@ from prefect import flow
 
 from cvpipe.io import read_json
 from cvpipe.params import Params, load_params
+from cvpipe.registry import logged_model_name
 from cvpipe.tracking import StageRun, stage_run
 from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_costs, model_for_logging, train_task, write_run_id
 
 # Packages the logged model's loader needs besides cvpipe itself (pinned, so MLflow need not infer them).
 # cvpipe is not listed: the model is served from the project's environment (`--env-manager local`).
+EPOCH_SECTION = "epoch"  # MLflow metric keys of the per-epoch curves: epoch/train_loss, ...
 MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "opencv-python-headless", "efficientnet-lite-pytorch")
 
 
 def log_model(run: StageRun, p: Params, mode: str) -> None:
-    """Log the best model of ``mode`` as a :mod:`cvpipe.model_flavor` pyfunc, with a signature and an
-    input example: data only (card and weights), loaded by the installed package, no code in the store."""
+    """Log the best model of ``mode`` as a :mod:`cvpipe.model_flavor` pyfunc named ``model-<mode>``, with
+    a signature and an input example: data only (card and weights), loaded by the installed package,
+    no code in the store."""
     import tempfile
 
     import mlflow
@@ -32,7 +35,7 @@ def log_model(run: StageRun, p: Params, mode: str) -> None:
     with tempfile.TemporaryDirectory(prefix="cvpipe-model-") as tmp, mlflow.start_run(run_id=run.run_id):
         data = model_flavor.save_classifier_data(clf, Path(tmp) / model_flavor.DATA_DIR)
         mlflow.pyfunc.log_model(
-            name="model", loader_module=model_flavor.LOADER_MODULE, data_path=str(data),
+            name=logged_model_name(mode), loader_module=model_flavor.LOADER_MODULE, data_path=str(data),
             signature=model_flavor.signature(example, output), input_example=example,
             pip_requirements=[f"{r}=={version(r).split('+')[0]}" for r in MODEL_REQUIREMENTS])
 
@@ -48,11 +51,13 @@ def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | Non
     """Train one mode (``feature_extractor`` or ``fine_tune``); returns its final metrics."""
     p = load_params(params_file, overrides)
     with stage_run(p, "train", run_name=f"train-{mode}", tags={"mode": mode}) as run:
+        # The UI charts a run's metrics by section, sections named by a "/" prefix first: the per-epoch
+        # curves ("epoch/...") come before the few single values (the headline accuracy and what
+        # `cvpipe compare` shows). Every final figure is in the metrics.json artifact.
         metrics = train_task(p, mode, on_epoch=lambda row: run.log_metrics(
-            {k: row[k] for k in (*EPOCH_KEYS, "images_per_s")}, step=row["epoch"]))
-        run.log_metrics({f"final_{k}": v for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        run.log_metrics(model_costs(p, mode, metrics["device"]))
+            {f"{EPOCH_SECTION}/{k}": row[k] for k in (*EPOCH_KEYS, "images_per_s")}, step=row["epoch"]))
+        run.log_metrics({"best_val_acc": metrics["best_val_acc"], "images_per_s": metrics["images_per_s"],
+                         **model_costs(p, mode, metrics["device"])})
         run.set_tags({"backbone": p.train.backbone, "weights": p.train.weights, "device": metrics["device"],
                       "weights_label": weights_label(p.train.weights),
                       "amp": metrics["amp"],

@@ -1,9 +1,10 @@
 """The ``evaluate`` stage: test accuracy, per-class accuracy and confusion matrix of each trained mode.
 
 Writes to ``paths.evaluate``: ``metrics.json`` (a DVC metrics file, one section per
-mode), ``confusion_<mode>.json`` (per-image rows for DVC's confusion template,
-plus the class names and the matrix) and ``.png``, and ``accuracy.png`` (train
-and validation accuracy per epoch of every mode in one figure).
+mode, headline numbers only: they are columns of ``dvc exp show`` and ``dvc metrics show``),
+``per_class.json`` (per-class accuracy of each mode, a plain output), ``confusion_<mode>.json``
+(per-image rows for DVC's confusion template, plus the class names and the matrix) and ``.png``,
+and ``accuracy.png`` (train and validation accuracy per epoch of every mode in one figure).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tasks.preprocess import load_split
 from tasks.train import HISTORY, MODEL, RUN, Runtime, load_classifier, make_runtime, prepare_batch
 from tasks.train import evaluate as evaluate_model
 
-METRICS, ACCURACY_PLOT = "metrics.json", "accuracy.png"
+METRICS, PER_CLASS, ACCURACY_PLOT = "metrics.json", "per_class.json", "accuracy.png"
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -125,7 +126,8 @@ def evaluate(p: Params) -> dict[str, dict[str, Any]]:
     """Evaluate every trained mode on the test split and write the stage's outputs.
 
     Returns:
-        {mode: {"test_acc", "test_loss", "per_class_acc", "n_test"}}, as in ``metrics.json``.
+        {mode: {"test_acc", "test_loss", "n_test", "per_class_acc"}}: ``metrics.json`` holds all but
+        ``per_class_acc``, which ``per_class.json`` holds ({mode: {class: acc}}).
 
     Raises:
         FileNotFoundError: no mode of ``train.modes`` has a trained model.
@@ -152,7 +154,8 @@ def evaluate(p: Params) -> dict[str, dict[str, Any]]:
         print(f"evaluate {mode}: test accuracy {res['test_acc']:.4f} on {len(y)} images")
     histories = {m: read_json(p.paths.train / m / HISTORY) for m in modes}
     _save_figure(plot_accuracy(histories), out / ACCURACY_PLOT)
-    write_json(out / METRICS, metrics)
+    write_json(out / METRICS, {m: {k: v for k, v in r.items() if k != "per_class_acc"} for m, r in metrics.items()})
+    write_json(out / PER_CLASS, {m: r["per_class_acc"] for m, r in metrics.items()})
     return metrics
 
 

