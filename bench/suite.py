@@ -270,8 +270,17 @@ def bench_memory(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
                   timeout=600)
 
 
+
+def _bench_serve(sizes: Sizes, inp: Inputs) -> dict[str, Any]:
+    """`cvpipe serve-model` start-up and requests/s (see :mod:`bench.serve`)."""
+    from bench.serve import bench_serve
+
+    return bench_serve(sizes, inp)
+
+
 PARTS = {"feature_extractor": bench_feature_extractor, "fine_tune": bench_fine_tune, "detect": bench_detect,
-         "orchestration": bench_orchestration, "memory": bench_memory}
+         "orchestration": bench_orchestration, "memory": bench_memory,
+         "serve": _bench_serve}
 
 
 # --------------------------------------------------------------------------- report
@@ -357,6 +366,14 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                      f"{e['batch_size']} at {e['image_size']} px)", "peak RSS MiB", "",
                      _fmt(e["peak_rss_mb"]), f"data {e['dataset_mb']:.0f} MiB", "<= 4096 MiB",
                      "met" if e["peak_rss_mb"] <= 4096 else "missed"])
+    f = results.get("serve")
+    if f:
+        rows.append([f"f. serving (`cvpipe serve-model`, {f['image_size']} px, one request at a time)",
+                     "start-up s (to the first /ping)", "", _fmt(f["startup_s"]), "", "", ""])
+        rows.append(["", "requests/s: 1 PNG / 32 PNGs / 32 arrays", "",
+                     f"{_fmt(f['single_requests_per_s'])} / {_fmt(f['batch32_png_requests_per_s'])} / "
+                     f"{_fmt(f['batch32_array_requests_per_s'])}",
+                     f"{_fmt(f['batch32_png_images_per_s'])} images/s in PNG batches", "", ""])
     return rows
 
 

@@ -271,3 +271,25 @@ def test_tar_member_escaping_the_destination_is_rejected(tmp_path):
     with pytest.raises(tarfile.FilterError):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_digits_sample_is_a_seven_of_the_dataset_recorded_with_the_photos(tmp_path):
+    """The README's `cvpipe predict data/samples/digit_7.png`: a digit of the model's own domain,
+    enlarged for people, that the model's area resize brings back to the 8x8 image exactly."""
+    from cvpipe.io import load_npz
+    from tasks.images import read_image
+
+    digits = dl.export_digits(tmp_path / "raw")
+    extra = dl.digit_sample(digits)
+    assert list(extra) == ["digit_7.png"]
+    paths = dl.export_samples(["chelsea"], tmp_path / "s", extra=extra)
+    assert [x.name for x in paths] == ["chelsea.jpg", "digit_7.png"]
+    assert set(dl.read_samples_manifest(tmp_path / "s")) == {"chelsea.jpg", "digit_7.png"}
+    img = read_image(tmp_path / "s/digit_7.png")
+    assert img.shape == (64, 64, 3)
+    d = load_npz(digits)
+    back = cv2.resize(img[..., 0], (8, 8), interpolation=cv2.INTER_AREA)
+    sevens = d["images"][d["labels"] == 7]
+    assert np.array_equal(back, sevens[-1])
+    dl.export_samples(["chelsea"], tmp_path / "s")  # another dataset: the digit, recorded, is removed
+    assert not (tmp_path / "s/digit_7.png").exists()

@@ -317,11 +317,15 @@ def test_cvpipe_serve_model_answers_over_http_and_stops(digits_registry):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
-    assert server.returncode == 0, (tmp / "server.log").read_text()[-2000:]
+    # uvicorn shuts down gracefully, then lets the signal end the process as it would have.
+    assert server.returncode in (0, -signal.SIGTERM), (tmp / "server.log").read_text()[-2000:]
+    assert "Traceback" not in (tmp / "server.log").read_text()
     with pytest.raises(ProcessLookupError):
         os.killpg(server.pid, 0)  # nothing of its process group is left
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the port is free again
+    with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT connections may remain)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 @pytest.mark.slow
