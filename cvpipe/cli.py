@@ -294,7 +294,7 @@ def serve(
         raise typer.BadParameter(str(err), param_hint="--cron") from None
     typer.echo(f"serving pipeline/{name} on cron {cron!r}; Ctrl-C to stop")
     if api_url:
-        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}/runs")
+        typer.echo(f"runs in the Prefect UI: {api_url.removesuffix('/api')}")
     prefect_serve(deployment)
 
 
@@ -568,7 +568,7 @@ def _where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
     uri = tracking_uri(p)
     typer.echo("\nWhere to look:")
     if prefect_api_url:
-        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}/runs   (cvpipe server status|stop)")
+        typer.echo(f"  Prefect UI:      {prefect_api_url.removesuffix('/api')}   (every run; cvpipe server status|stop)")
     if uri.startswith(("http://", "https://")):
         typer.echo(f"  MLflow UI:       {ui_runs_url(p, uri)}")
     else:
