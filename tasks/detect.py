@@ -701,7 +701,8 @@ def detect_shard(items: list[InputImage], detector_dir: Path, dp: DetectParams,
                             rec["annotated"] = f"{IMAGES_DIR}/{item.out_name}"
                         records.append(rec)
                     if writer is not None:
-                        writer.submit([(item.out_name, image, dets) for item, image, dets in zip(good, images, per_image)])
+                        writer.submit([(item.out_name, image, dets)
+                                       for item, image, dets in zip(good, images, per_image)])
                 bar.update(len(good) + len(bad))
         if writer is not None:
             writer.close()

@@ -21,7 +21,6 @@ from cvpipe.params import ParamsError, load_params
 from flows.detect import network_threads
 from tasks.darknet import Darknet, DarknetError, load_darknet, parse_cfg
 from tasks.detect import (
-    Detections,
     Predictor,
     coco_map,
     coco_results,
