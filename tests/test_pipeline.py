@@ -74,8 +74,11 @@ def test_cvpipe_run_agrees_with_dvc_and_feeds_compare_registry_predict(tmp_path)
     assert "feature_extractor" in table and "fine_tune" in table and "efficientnet_lite0" in table
     assert (repo / "outputs/compare/runs.png").stat().st_size > 0
 
-    pred = run(*cvpipe, "predict", str(repo / "data/samples/chelsea.jpg"), "--top-k", "2")
+    # The README's example: the digit the download stage wrote, with the model that answers named first.
+    pred = run(*cvpipe, "predict", str(repo / "data/samples/digit_7.png"), "--top-k", "2")
     lines = pred.strip().splitlines()
-    assert lines[0].endswith("chelsea.jpg") and len(lines) == 3
-    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert lines[0].startswith("model: models:/cvpipe-classifier@champion = version 1 (") and len(lines) == 4
+    assert "trained on digits" in lines[0] and "10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in lines[0]
+    assert lines[1].endswith("digit_7.png")
+    probs = [float(line.split("%")[0]) for line in lines[2:]]
     assert probs[0] >= probs[1] and all(0 <= x <= 100 for x in probs)
