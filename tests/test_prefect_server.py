@@ -147,6 +147,35 @@ def test_cli_processes_reuse_the_server_a_killed_one_is_replaced_and_every_run_i
     assert [r.name for r in runs] == ["preprocess"] * 3  # the history survived the replacement
 
 
+@pytest.mark.slow
+def test_dvc_repro_stages_use_the_projects_server(tmp_path):
+    """Each `dvc repro` stage is a `cvpipe <stage>` process: they connect to the same server, and
+    their runs are in its history."""
+    from cvpipe.params import write_overrides
+    from tasks.download import export_digits
+    from tests.test_dvc import OFFLINE, clone_project
+
+    repo = clone_project(tmp_path)
+    write_overrides(repo / "params.yaml", OFFLINE)
+    export_digits(repo / "data" / "raw")
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ENV.get('PATH', '')}"}
+
+    def repro(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", *args, "preprocess"], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    try:
+        repro()
+        first = read_state(repo / ".prefect")
+        assert first is not None and _alive(first.pid)
+        repro("--force")
+        assert read_state(repo / ".prefect") == first  # the second stage process reused the server
+        assert [run.name for run in _flow_runs(first.url)] == ["preprocess", "preprocess"]
+    finally:
+        _cvpipe(repo, "server", "stop", timeout=120)
+
+
 class _Impostor(http.server.BaseHTTPRequestHandler):
     """Another program on the recorded port: answers /api/health like Prefect, but is not our server."""
 
