@@ -421,3 +421,12 @@ def test_shards_on_threads_sharing_one_network_give_the_one_shard_result(photos,
         t.join()
     merged = sorted((r for res in results for r in res.records), key=lambda r: r["image_id"])
     assert merged == one and sum(len(r["detections"]) for r in one) >= 5
+
+
+def test_dvc_detect_stage_depends_on_the_backends_and_device():
+    """`dvc repro` reruns detect when the run's device or either backend's code changes."""
+    import yaml
+
+    stage = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]["detect"]
+    assert {"device", "detect"} <= set(stage["params"])
+    assert {"tasks/detect.py", "tasks/detect_torch.py", "tasks/darknet.py"} <= set(stage["deps"])
