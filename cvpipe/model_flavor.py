@@ -223,8 +223,9 @@ def images_from_input(model_input: Any, channels: int, input_size: tuple[int, in
     if isinstance(x, np.ndarray) and x.dtype.kind in "USO":
         x = x.reshape(-1).tolist() if x.ndim <= 1 else x
     if isinstance(x, (list, tuple)) and x and all(isinstance(v, (str, bytes)) for v in x):
-        decoded = [_decode_one(v, i, max_pixels) for i, v in enumerate(x)]
-        return np.concatenate([as_model_input(im.transpose(2, 0, 1), channels, input_size) for im in decoded])
+        # One at a time: only one full-size decoded image is held, however many the request has.
+        return np.concatenate([as_model_input(_decode_one(v, i, max_pixels).transpose(2, 0, 1), channels,
+                                              input_size) for i, v in enumerate(x)])
     if isinstance(x, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in x):
         raise InvalidInput("expected either encoded image files or image arrays, not both in one request")
     try:
