@@ -246,6 +246,24 @@ def test_tampered_mlmodel_is_refused_with_one_clear_error(store, tmp_path, how):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("how", ["python_model", "foreign_loader"])
+def test_serve_model_refuses_what_predict_refuses(store, tmp_path, how):
+    """`cvpipe serve-model` loads through the same check: one error line, exit code 1, nothing
+    listening, the planted code never run."""
+    marker = tmp_path / "marker"
+    _tamper(store["model_dir"], marker, how)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cvpipe = str(Path(sys.executable).parent / "cvpipe")
+    r = subprocess.run([cvpipe, "serve-model", "--port", str(port), "--params", str(store["params"])],
+                       env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: refusing to load models:/cvpipe-classifier@champion")
+    assert "--trust-model-code" in lines[0] and not marker.exists()
+
+
 def test_tampered_weights_are_refused_without_unpickling(store, tmp_path):
     """weights.npz replaced by an archive holding a pickled object: refused, never unpickled."""
     from cvpipe.model_flavor import UntrustedModel
