@@ -179,10 +179,22 @@ def configure(p: Params):
             check_artifact_location(p, exp.artifact_location)
             return client, exp.experiment_id
         loc = p.mlflow.artifact_location
-        if "://" not in loc:
+        if uri.startswith(("http://", "https://")):
+            # A tracking server keeps the artifacts (`mlflow server --serve-artifacts`): every clone
+            # reads and writes them through it, so none is stored in one clone's folder.
+            loc = None
+        elif "://" not in loc:
             Path(loc).mkdir(parents=True, exist_ok=True)
             loc = Path(loc).resolve().as_uri()
-        return client, client.create_experiment(p.mlflow.experiment, artifact_location=loc)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client, client.create_experiment(p.mlflow.experiment, artifact_location=loc)
+        except MlflowException as err:  # another clone created it on the server in the meantime
+            exp = client.get_experiment_by_name(p.mlflow.experiment)
+            if exp is None or err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client, exp.experiment_id
 
 
 def ui_runs_url(p: Params, base: str) -> str:
