@@ -353,10 +353,11 @@ def postprocess(outputs: list[np.ndarray], sizes: np.ndarray, num_classes: int,
 
 
 class Batch(NamedTuple):
-    """A prepared batch: ``pixels`` (N, S, S, 3) uint8 as the network sees them, ``sizes``
-    (N, 2) original (width, height), ``frames`` (N, 4) from :func:`fit_image`."""
+    """A prepared batch: ``inputs`` the network's input in the form its backend takes (OpenCV: an
+    NCHW float blob in [0, 1]; torch: (N, S, S, 3) uint8), ``sizes`` (N, 2) original (width,
+    height), ``frames`` (N, 4) from :func:`fit_image`."""
 
-    pixels: np.ndarray
+    inputs: np.ndarray
     sizes: np.ndarray
     frames: np.ndarray
 
@@ -375,15 +376,19 @@ class Predictor:
         self.classes, self.dp, self.det = classes, dp, det
 
     def preprocess(self, images: list[np.ndarray]) -> Batch:
-        """Resize (``detect.resize``) each image into one uint8 batch."""
+        """Resize (``detect.resize``) each image and make the batch's network input."""
         fitted = [fit_image(im, self.dp.input_size, self.dp.resize) for im in images]
-        return Batch(np.stack([f[0] for f in fitted]), np.array([(im.shape[1], im.shape[0]) for im in images]),
-                     np.stack([f[1] for f in fitted]))
+        return Batch(self.network_input([f[0] for f in fitted]),
+                     np.array([(im.shape[1], im.shape[0]) for im in images]), np.stack([f[1] for f in fitted]))
+
+    def network_input(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """The fitted uint8 images as the network takes them: one NCHW float blob in [0, 1] (made on
+        the reader thread, so the conversion stays off the network's path)."""
+        return cv2.dnn.blobFromImages(pixels, scalefactor=1 / 255.0, swapRB=False, crop=False)
 
     def inference(self, batch: Batch) -> list[np.ndarray]:
         """The raw YOLO rows of the batch (one array per output layer)."""
-        blob = cv2.dnn.blobFromImages(list(batch.pixels), scalefactor=1 / 255.0, swapRB=False, crop=False)
-        return forward(self.det, blob)
+        return forward(self.det, batch.inputs)
 
     def postprocess(self, outputs, batch: Batch) -> list[Detections]:
         """Boxes in original pixels after class-aware NMS, one :class:`Detections` per image."""

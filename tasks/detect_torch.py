@@ -1,9 +1,9 @@
 """The ``torch`` backend of the ``detect`` stage: the Darknet network of :mod:`tasks.darknet` run by
 PyTorch, on CUDA when there is one.
 
-It overrides two steps of :class:`tasks.detect.Predictor`: ``inference`` (uint8 pixels sent to
-the device as they are and scaled there; ``torch.inference_mode``; on CUDA bf16 autocast and
-channels_last) and ``postprocess`` (scores, boxes in original pixels and class-aware NMS with
+It overrides steps of :class:`tasks.detect.Predictor`: ``network_input`` (the batch stays uint8),
+``inference`` (uint8 pixels sent to the device as they are and scaled there;
+``torch.inference_mode``; on CUDA bf16 autocast and channels_last) and ``postprocess`` (scores, boxes in original pixels and class-aware NMS with
 ``torchvision.ops.batched_nms`` on the device, so only the kept boxes come back to the host).
 Preprocessing, reading and writing are the shared ones.
 """
@@ -43,12 +43,16 @@ class TorchPredictor(Predictor):
             model = model.to(memory_format=torch.channels_last)
         return cls(read_classes(detector_dir / "classes.txt"), dp, TorchNet(model, dev))
 
+    def network_input(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """(N, S, S, 3) uint8: a quarter of the float bytes go to the device, scaled there."""
+        return np.stack(pixels)
+
     def inference(self, batch: Batch) -> list[torch.Tensor]:
         """The raw YOLO rows of the batch, on the device (float32)."""
         model, dev = self.det
         cuda = dev.type == "cuda"
         with torch.inference_mode():
-            x = torch.from_numpy(batch.pixels)
+            x = torch.from_numpy(batch.inputs)
             x = (x.pin_memory() if cuda else x).to(dev, non_blocking=cuda)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             if cuda:

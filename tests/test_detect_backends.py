@@ -343,7 +343,7 @@ def test_a_second_backend_overrides_only_inference(detector_dir, tmp_path, monke
     row gives that box, mapped back through the letterbox frame, on every image."""
     class Fixed(Predictor):
         def inference(self, batch):
-            rows = np.zeros((len(batch.pixels), 1, 85), np.float32)
+            rows = np.zeros((len(batch.inputs), 1, 85), np.float32)
             rows[:, 0, :4] = [0.5, 0.5, 0.25, 0.25]
             rows[:, 0, 5 + 15] = 0.9
             return [rows]
