@@ -58,7 +58,6 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
         ValueError: no evaluated mode has a run, or the best mode's run logged no model.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from cvpipe.io import read_json
     from cvpipe.tracking import configure
@@ -74,16 +73,50 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     classes = read_json(p.paths.processed / "card.json")["classes"]
     mv = mlflow.register_model(logged_model_uri(client, exp_id, run_ids[mode], mode), name,
                                tags=version_tags(acc, mode, p.train.backbone, p.data.dataset, classes))
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        prev = float(current.tags.get("test_acc", "-inf"))
-    except MlflowException:
-        current, prev = None, None
+    since, prev = _champion_acc(client, name)
     promote = prev is None or acc > prev
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
+        _settle_champion(client, name, since)
     return {"name": name, "version": int(mv.version), "mode": mode, "test_acc": acc,
             "champion": promote, "previous_champion_acc": prev}
+
+
+def _champion_acc(client, name: str) -> tuple[str | None, float | None]:
+    """(version, test_acc) of the current champion; (None, None) when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    return str(current.version), float(current.tags.get("test_acc", "-inf"))
+
+
+def _settle_champion(client, name: str, since: str | None, checks: int = 3, wait_s: float = 0.5) -> None:
+    """Give ``champion`` to the best version from ``since`` on, unless a better one holds it.
+
+    MLflow has no compare-and-set for aliases: two evaluates sharing a tracking server may both
+    read the same champion (``since``; None: there was none) and both move the alias, the worse one
+    last. Each evaluate therefore looks again a few times after its decision: among ``since`` and
+    the versions registered after it, the best (the oldest on a tie) should hold the alias, and the
+    alias only ever moves to a better version, so the evaluates converge on the same answer.
+    """
+    import time
+
+    def acc_of(v) -> float:
+        return float(v.tags.get("test_acc", "-inf"))
+
+    for _ in range(checks):
+        time.sleep(wait_s)
+        current, current_acc = _champion_acc(client, name)
+        versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+        candidates = [v for v in versions if since is None or int(v.version) >= int(since)]
+        if not candidates:
+            return
+        best = max(candidates, key=lambda v: (acc_of(v), -int(v.version)))
+        if current is None or (str(best.version) != current and acc_of(best) > current_acc):
+            client.set_registered_model_alias(name, CHAMPION, best.version)
 
 
 def logged_model_uri(client, experiment_id: str, run_id: str, mode: str) -> str:
