@@ -171,7 +171,7 @@ def test_huge_image_is_detected_not_a_crash(detector_dir, tmp_path):
     assert ok
     del img
     (tmp_path / "huge.jpg").write_bytes(buf.tobytes())
-    p = load_params(write_params(tmp_path, {"paths.detector": str(detector_dir)}))
+    p = load_params(write_params(tmp_path, {"paths.detector": str(detector_dir), "paths.allow_outside": True}))
     (tmp_path / "images").mkdir()
     result = detect_shard(plan_inputs([tmp_path / "huge.jpg"]), detector_dir, p.detect, tmp_path / "images")
     assert len(result.records) + len(result.failures) == 1
