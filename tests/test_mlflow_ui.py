@@ -110,7 +110,8 @@ def test_run_page_charts_the_epoch_curves_first(store, ui, tmp_path):
            "?workflowType=machine_learning")
     with Browser((1800, 1200)) as b:
         b.goto(url)
-        b.wait_for("document.body.innerText.includes('(epoch/val_loss)')", what="the epoch charts")
+        b.wait_for("document.body.innerText.includes('(epoch/val_loss)') && "
+                   "document.querySelectorAll('.js-plotly-plot').length >= 5", what="the epoch charts drawn")
         b.screenshot(tmp_path / "run-metrics.png")
         text = b.text()
     lines = [ln.strip() for ln in text.split("Auto-refresh", 1)[1].splitlines() if ln.strip()]
