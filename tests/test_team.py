@@ -216,7 +216,9 @@ def shared_remote(tmp_path_factory):
         t0 = time.perf_counter()
         facts["push"] = _run(DVC + ["push", "--run-cache"], a).stdout
         facts["seconds_push"] = time.perf_counter() - t0
-        facts["push_again"] = _run(DVC + ["push", "--run-cache"], a).stdout
+        facts["push_again"] = _run(DVC + ["push"], a).stdout
+        facts["push_again_run_cache"] = _run(DVC + ["push", "--run-cache"], a).stdout
+        facts["run_cache_entries"] = sum(1 for p in (a / ".dvc/cache/runs").rglob("*") if p.is_file())
 
         b = tmp / "b"
         subprocess.run(["git", "clone", "-q", str(a), str(b)], check=True)
@@ -247,6 +249,10 @@ def test_dvc_remote_on_s3_second_clone_pulls_and_reproduces_nothing(shared_remot
 
     assert "pushed" in f["push"], f["push"]
     assert "Everything is up to date" in f["push_again"], f["push_again"]
+    # DVC rewrites its run-cache records (one small file per cached stage run) on every push with
+    # --run-cache (treeverse/dvc#10472): nothing else is sent again.
+    assert f["run_cache_entries"] > 0
+    assert f["push_again_run_cache"].strip() == f"{f['run_cache_entries']} files pushed", f["push_again_run_cache"]
 
     assert "fetched" in f["pull"] or "added" in f["pull"], f["pull"]
     assert "Data and pipelines are up to date" in f["status_b"], f["status_b"]
@@ -364,7 +370,7 @@ def test_two_projects_share_one_mlflow_server(tmp_path, procs):
             assert len(found) == n and all(r.info.status == "FINISHED" for r in found), (stage, found)
         trains = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
         assert sorted(r.data.metrics["test_acc"] for r in trains) == sorted(acc.values())
-        assert all(len(client.get_metric_history(r.info.run_id, "val_acc")) == 1 for r in trains)
+        assert all("best_val_acc" in r.data.metrics for r in trains), trains
         versions = client.search_model_versions("name = 'cvpipe-classifier'")
         assert len(versions) == 2, versions
         champion = client.get_model_version_by_alias("cvpipe-classifier", "champion")
@@ -474,6 +480,8 @@ def test_dask_scheduler_and_workers_detect_as_threads_and_lose_no_image(tmp_path
                 Processes.stop(next(w for w in workers if w.pid == _leader_of(victim)), signal.SIGKILL)
             assert run.wait(900) == 0, run.log_path.read_text()[-4000:]
             print(f"dask (kill={kill}): {time.perf_counter() - t0:.1f} s")
+            print("\n".join(line for line in run.log_path.read_text().splitlines()
+                            if "Task run 'detect-shard" in line or "Worker" in line))
             assert _records(root) == expected
             assert json.loads((root / "outputs/detect/failures.json").read_text()) == []
         assert len(client.scheduler_info()["workers"]) == 1  # the killed one is gone
