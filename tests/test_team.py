@@ -431,10 +431,9 @@ def test_dask_scheduler_and_workers_detect_as_threads_and_lose_no_image(tmp_path
     runs again on the other and no image is lost."""
     from distributed import Client
 
+    from cvpipe.params import load_params
     from tasks.download import download_detector
     from tests.conftest import DEFAULT_PARAMS
-
-    from cvpipe.params import load_params
 
     detector = tmp_path / "detector"
     download_detector("yolov3-tiny", detector / "models", load_params(DEFAULT_PARAMS).download,
