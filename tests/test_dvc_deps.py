@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from cvpipe.params import load_params
 
@@ -24,7 +25,7 @@ class _Recorder:
     def __getattr__(self, name: str):
         value = getattr(self._obj, name)
         key = f"{self._prefix}{name}"
-        if hasattr(value, "model_fields"):  # a section: keep recording below it
+        if isinstance(value, BaseModel):  # a section: keep recording below it
             return _Recorder(value, key + ".", self._seen)
         if not callable(value):
             self._seen.add(key)
