@@ -11,7 +11,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cvpipe.params import DetectParams, Params, load_params
 from cvpipe.tracking import flatten, stage_run
-from tasks.detect import FAILURES, METRICS, ShardResult, collect_task, detect_shard_task, plan_task, staged_outputs
+from tasks.detect import FAILURES, METRICS, SUMMARY, ShardResult, collect_task, detect_shard_task, plan_task, staged_outputs
 
 
 def task_runner(dp: DetectParams) -> TaskRunner:
@@ -66,6 +66,7 @@ def detect_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | No
             summary = collect_task(p, results, staging)
         run.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
         run.log_artifact(p.paths.detect / METRICS)
+        run.log_artifact(p.paths.detect / SUMMARY)
         run.log_artifact(p.paths.detect / FAILURES)
     print(f"detect: {summary['images']} images, {summary['detections']} detections, "
           f"{summary['failures']} failures, {summary['images_per_s']} images/s")

@@ -11,7 +11,7 @@ threads of one process share one network and take turns at it. The outputs are w
 from the merged shard results.
 
 Outputs (under ``paths.detect``): ``detections.jsonl``, ``coco_results.json``,
-``detections.csv``, ``failures.json``, ``metrics.json`` and, when
+``detections.csv``, ``failures.json``, ``metrics.json`` (headline figures), ``summary.json`` and, when
 ``detect.save_images``, annotated JPEGs in ``images/``.
 
 The outputs are one set: a run writes all of them into a staging folder next to
@@ -62,7 +62,12 @@ COCO_RESULTS = "coco_results.json"
 CSV_FILE = "detections.csv"
 FAILURES = "failures.json"
 METRICS = "metrics.json"
-OUTPUT_FILES = (DETECTIONS, COCO_RESULTS, CSV_FILE, FAILURES, METRICS)
+SUMMARY = "summary.json"
+OUTPUT_FILES = (DETECTIONS, COCO_RESULTS, CSV_FILE, FAILURES, METRICS, SUMMARY)
+#: The figures of ``metrics.json`` (a DVC metrics file: `dvc metrics show` has one column per key);
+#: detections per class and seconds per phase are in ``summary.json``.
+HEADLINE = ("inputs", "images", "failures", "detections", "images_per_s", "forward_images_per_s",
+            "map50", "map50_95", "annotated_images")
 DVC_GITIGNORE = ".gitignore"  # DVC lists the outputs it tracks in this folder's .gitignore
 STAGING, ASIDE = "staging", "old"  # sibling folders ".<name>.staging-<hex>" and ".<name>.old-<hex>"
 #: a temporary file left by cvpipe.io.atomic_path (".<name>.<random>.tmp") when a run was killed
@@ -821,7 +826,13 @@ def write_outputs(out_dir: Path, records: list[dict], failures: list[dict], resu
     write_json(out_dir / COCO_RESULTS, results)
     atomic_write_text(out_dir / CSV_FILE, detections_csv(records))
     write_json(out_dir / FAILURES, failures)
-    write_json(out_dir / METRICS, summary)
+    write_json(out_dir / SUMMARY, summary)
+    write_json(out_dir / METRICS, headline_metrics(summary))
+
+
+def headline_metrics(summary: dict) -> dict:
+    """The figures of ``summary`` that ``metrics.json`` keeps (:data:`HEADLINE`), in that order."""
+    return {k: summary[k] for k in HEADLINE if k in summary}
 
 
 # --------------------------------------------------------------------------- the output set
@@ -1052,7 +1063,7 @@ def collect(p: Params, shard_results: list[ShardResult], staging: Path) -> dict:
     into ``staging`` (:func:`staged_outputs` publishes them).
 
     Returns:
-        The summary written to ``metrics.json``.
+        The summary written to ``summary.json`` (its headline figures go to ``metrics.json``).
     """
     records, failures = merge_shards(shard_results)
     results = coco_results(records)

@@ -302,7 +302,8 @@ def test_cvpipe_run_with_the_seed_defaults(tmp_path, http_root):
         "classes.txt": f"{base}/coco.names"}
     dm = json.loads((repo / "outputs/detect/metrics.json").read_text())
     assert (dm["inputs"], dm["images"], dm["failures"]) == (4, 4, 0), dm
-    assert dm["detections"] > 0 and set(dm["per_class"]) == {"cat"}, dm
+    ds = json.loads((repo / "outputs/detect/summary.json").read_text())
+    assert dm["detections"] > 0 and set(ds["per_class"]) == {"cat"}, ds
     assert json.loads((repo / "outputs/detect/failures.json").read_text()) == []
     records = [json.loads(ln) for ln in (repo / "outputs/detect/detections.jsonl").read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in records) == [

@@ -410,7 +410,9 @@ def test_flow_writes_every_output(threads_run):
     summary = threads_run["summary"]
     records = _read_jsonl(out / "detections.jsonl")
     failures = read_json(out / "failures.json")
-    assert summary == read_json(out / "metrics.json")
+    assert summary == read_json(out / "summary.json")
+    assert read_json(out / "metrics.json") == {k: summary[k] for k in (
+        "inputs", "images", "failures", "detections", "images_per_s", "forward_images_per_s")}
     assert summary["inputs"] == len(threads_run["names"]) == len(records) + len(failures)
     assert (summary["images"], summary["failures"]) == (len(records), len(failures)) == (6, 5)
     assert sorted(Path(r["path"]).name for r in records) == [

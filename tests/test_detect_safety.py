@@ -171,7 +171,7 @@ def test_a_run_replaces_the_whole_set_and_keeps_dvc_gitignore(previous, tmp_path
     summary = run_stage(make_params(tmp_path, detector_dir, {"detect.input": str(tmp_path / "new")}))
     assert sorted(e.name for e in out.iterdir()) == sorted(
         [".gitignore", "coco_results.json", "detections.csv", "detections.jsonl", "failures.json", "images",
-         "metrics.json"])
+         "metrics.json", "summary.json"])
     assert (out / ".gitignore").read_bytes() == gitignore
     (record,) = read_jsonl(out / "detections.jsonl")
     assert record["path"] == str(tmp_path / "new" / "c.jpg") and summary["inputs"] == 1
