@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from tasks.backbones import (
     set_bn_momentum,
     set_train_mode,
 )
+from tasks.amp import CACHE_FILE as AMP_CACHE, AmpChoice, choose_amp, dtype_name, model_step_timer
 from tasks.download import MANIFEST
 from tasks.preprocess import CARD, load_split
 
@@ -97,24 +97,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _cpu_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX512-BF16); emulated bf16 is much slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
-
-
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``: ``auto`` uses bf16 only where the hardware makes it faster."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if _cpu_native_bf16() else None
+    """The autocast dtype for ``train.amp`` without a model to time: ``auto`` is bf16 on CUDA where
+    supported and full precision on a CPU. :func:`train` resolves ``auto`` on a CPU that may compute
+    bf16 natively with a timed probe instead (:func:`resolve_amp`)."""
+    return choose_amp(amp, device, None, {}, None).dtype
+
+
+def resolve_amp(p: Params, mode: str, model: nn.Module, device: torch.device) -> AmpChoice:
+    """``train.amp`` for ``mode`` on ``device``: ``auto`` on a CPU with AMX or AVX512-BF16 is decided by a
+    timed probe of ``model`` at the run's image size and batch (fine_tune: forward, backward and step;
+    feature_extractor: the feature forward), cached in ``<paths.cache>/amp_choice.json``."""
+    tp = p.train
+    spec = get_backbone(tp.backbone)
+    kind = "infer" if mode == "feature_extractor" else "train"
+    fields = {"backbone": tp.backbone, "image_size": tp.image_size, "batch_size": tp.batch_size, "kind": kind,
+              "channels_last": tp.channels_last, "freeze_stages": tp.freeze_stages if kind == "train" else None}
+
+    def timer():
+        log.info("amp auto: timing fp32 and bf16 steps of %s at %d px, batch %d (%s), once for this machine",
+                 tp.backbone, tp.image_size, tp.batch_size, kind)
+        return model_step_timer(model, kind, tp.batch_size, tp.image_size, tp.channels_last, device,
+                                lambda m, x: forward_features(m, spec, x))
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return choose_amp(tp.amp, device, p.paths.cache / AMP_CACHE, fields, timer)
 
 
 def make_runtime(p: Params) -> Runtime:
@@ -537,6 +544,10 @@ def train(p: Params, mode: str, on_epoch: Callable[[dict[str, float]], None] | N
     if mode == "fine_tune" and tp.bn_momentum is not None:
         set_bn_momentum(model, tp.bn_momentum)
     model.to(rt.device, memory_format=rt.memory_format)
+    amp = resolve_amp(p, mode, model, rt.device)
+    rt = Runtime(rt.device, amp.dtype, rt.channels_last)
+    print(f"train {mode}: amp {dtype_name(amp.dtype)} ({amp.source}"
+          + (f", bf16 {amp.as_dict()['bf16_speedup']:.2f}x fp32 per step" if amp.fp32_s else "") + ")")
 
     if mode == "feature_extractor":
         setup = _feature_extractor_setup(model, p, rt, weights_tag, card["data_hash"], x_tr, x_va)
@@ -588,7 +599,7 @@ def train(p: Params, mode: str, on_epoch: Callable[[dict[str, float]], None] | N
                **{k: last[k] for k in EPOCH_KEYS},
                "images_per_s": float(np.mean([r["images_per_s"] for r in history])), **setup.extra,
                "duration_s": time.perf_counter() - t_start, "device": str(rt.device),
-               "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off"}
+               "amp": dtype_name(rt.amp_dtype), "amp_choice": amp.as_dict()}
     write_json(out / METRICS, metrics)
     return metrics
 

@@ -135,8 +135,8 @@ def test_runtime_choices():
     cpu = torch.device("cpu")
     assert autocast_dtype("off", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    native = "amx_bf16" in Path("/proc/cpuinfo").read_text() or "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+    # without a model to time, auto on a CPU is full precision (train() times one: tests/test_amp.py)
+    assert autocast_dtype("auto", cpu) is None
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
@@ -317,3 +317,19 @@ def test_train_needs_the_downloaded_weights_of_its_backbone(tmp_path):
         train(p, "fine_tune")
     with pytest.raises(ValueError, match="unknown mode"):
         train(p, "linear_probe")
+
+
+def test_auto_amp_is_timed_once_and_recorded(tmp_path, monkeypatch):
+    """On a CPU that may compute bf16 natively, ``auto`` times the real model once, caches the verdict
+    under ``paths.cache`` and records it in metrics.json."""
+    import tasks.amp as amp
+
+    monkeypatch.setattr(amp, "cpu_info", lambda: {"cpu": "Test CPU", "flags": ["avx512_bf16"]})
+    p = tiny_project(tmp_path, {"train.epochs": 1, "train.amp": "auto"})
+    first = train(p, "fine_tune")
+    assert first["amp_choice"]["source"] == "probe" and first["amp"] == first["amp_choice"]["amp"]
+    assert first["amp_choice"]["fp32_step_s"] > 0 and first["amp_choice"]["bf16_step_s"] > 0
+    (entry,) = read_json(p.paths.cache / "amp_choice.json").values()
+    assert entry["fields"]["kind"] == "train" and entry["amp"] == first["amp"]
+    again = train(p, "fine_tune")
+    assert again["amp_choice"]["source"] == "cache" and again["amp"] == first["amp"]
