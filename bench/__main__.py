@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 from bench.suite import PARTS, PROFILES, machine, markdown_table, prepare, sizes_dict
 
+MAX_LOAD = 0.5  # 1-minute load average above which a run is refused without --allow-load
 BEGIN, END = "<!-- bench:table:begin -->", "<!-- bench:table:end -->"
 
 
@@ -45,7 +48,8 @@ def report(results: dict[str, Any]) -> str:
         BEGIN,
         f"Profile `{results['profile']}`, {results['date']}: {m['cpu']}, {m['cores']} cores "
         f"({m['torch_threads']} torch threads), GPU {m['gpu'] or 'none'}; Python {m['python']}, "
-        f"torch {m['torch']}, OpenCV {m['opencv']}. Whole run {sum(results['seconds'].values()):.0f} s "
+        f"torch {m['torch']}, OpenCV {m['opencv']}; CPU flags {' '.join(m['flags']) or 'none of interest'}; "
+        f"load average at start {m['load_average'][0]:.2f}. Whole run {sum(results['seconds'].values()):.0f} s "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())}).",
         "",
         markdown_table(results),
@@ -71,7 +75,13 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/cvpipe-bench"), help="downloads, features, samples")
+    ap.add_argument("--allow-load", action="store_true",
+                    help=f"run even when the 1-minute load average is above {MAX_LOAD} (the figures are then noise)")
     args = ap.parse_args()
+    load = os.getloadavg()[0]
+    if load > MAX_LOAD and not args.allow_load:
+        sys.exit(f"bench: the machine is busy (1-minute load average {load:.2f} > {MAX_LOAD}): its figures would "
+                 "measure the other work. Wait for it, or pass --allow-load to run anyway.")
     results = run(args.profile, args.parts, args.work, "cuda" if args.profile == "gpu" else "cpu")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

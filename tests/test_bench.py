@@ -31,6 +31,11 @@ def test_feature_extractor_both_variants(tiny):
     assert a["seed_seconds"] > 0 and a["ours_seconds"] > 0
     assert 0 <= a["seed_acc"] <= 1 and 0 <= a["ours_acc"] <= 1
     assert (a["n_train"], a["n_test"], a["epochs"]) == (40, 20, 2)
+    # seed, ours and the bare forward interleaved: one ratio per pair, the median and spread over them
+    assert len(a["speedups"]) == len(a["of_limits"]) == a["pairs"] == 3
+    assert min(a["speedups"]) <= a["speedup"] <= max(a["speedups"]) and _finite(a["speedup_spread"])
+    assert _finite(a["bare_forward_images_per_s"], a["of_limit"]) and a["of_limit"] > 0
+    assert a["amp"]["amp"] in ("off", "bfloat16")
 
 
 def test_fine_tune_both_variants(tiny):
@@ -38,6 +43,23 @@ def test_fine_tune_both_variants(tiny):
     assert _finite(b["seed_images_per_s"], b["ours_images_per_s"], b["speedup"])
     assert b["seed_images_per_s"] > 0 and b["ours_images_per_s"] > 0
     assert 0 <= b["seed_acc"] <= 1 and 0 <= b["ours_acc"] <= 1
+    assert len(b["speedups"]) == len(b["of_limits"]) == 3
+    assert _finite(b["bare_step_images_per_s"], b["of_limit"], b["of_limit_spread"]) and b["of_limit"] > 0
+
+
+def test_a_busy_machine_is_refused(monkeypatch, capsys):
+    import bench.__main__ as main
+
+    monkeypatch.setattr(main.os, "getloadavg", lambda: (3.2, 2.0, 1.0))
+    monkeypatch.setattr(main, "run", lambda *a, **k: pytest.fail("a busy machine was benchmarked"))
+    monkeypatch.setattr("sys.argv", ["bench", "--parts", "fine_tune"])
+    with pytest.raises(SystemExit, match=r"load average 3\.20 > 0\.5.*--allow-load"):
+        main.main()
+
+
+def test_machine_records_load_and_flags(tiny):
+    m = tiny["machine"]
+    assert len(m["load_average"]) == 3 and isinstance(m["flags"], list)
 
 
 def test_detect_both_variants_find_the_same_photos(tiny):
@@ -61,8 +83,8 @@ def test_memory_probe_reads_peak_rss(tiny):
 
 def test_table_and_markdown_block(tiny, tmp_path: Path):
     rows = table_rows(tiny)
-    # a: 2, b: 2, c: 6 (ours vs seed, the bare network, the 4 other backend / resize / shard variants), e: 1 (no d)
-    assert len(rows) == 11 and all(len(r) == 7 for r in rows)
+    # a: 3, b: 3, c: 6 (ours vs seed, the bare network, the 4 other backend / resize / shard variants), e: 1 (no d)
+    assert len(rows) == 13 and all(len(r) == 7 for r in rows)
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nintro\n\n{BEGIN}\nold\n{END}\n\n## Notes\nkept\n")
     write_markdown(md, report(tiny))
