@@ -1,7 +1,12 @@
 """``python -m bench``: the seed's loops against ours, side by side, on this machine.
 
-    python -m bench [--profile cpu|gpu] [--out bench/results.json] [--markdown BENCHMARKS.md]
-                    [--parts feature_extractor fine_tune detect orchestration memory] [--work /tmp/cvpipe-bench]
+    python -m bench [--profile cpu|gpu] [--out bench/results.json] [--markdown BENCHMARKS.md] [--allow-load]
+                    [--parts feature_extractor fine_tune detect orchestration memory serve gpu_throughput]
+                    [--work /tmp/cvpipe-bench]
+
+``--profile gpu`` runs ``gpu_throughput`` (bench/gpu.py: ResNet-18 at 224 px on device-resident
+CIFAR-10-sized data, bf16 + channels_last) unless ``--parts`` says otherwise. A run is refused when
+the 1-minute load average is above 0.5 (``--allow-load`` overrides).
 
 Writes every measured number to ``--out`` and replaces the generated table in ``--markdown``
 (between the ``bench:table`` markers; the rest of the file is kept).
@@ -18,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.suite import PARTS, PROFILES, machine, markdown_table, prepare, sizes_dict
+from bench.suite import PARTS, PROFILES, SELF_CONTAINED, machine, markdown_table, prepare, sizes_dict
 
 MAX_LOAD = 0.5  # 1-minute load average above which a run is refused without --allow-load
 BEGIN, END = "<!-- bench:table:begin -->", "<!-- bench:table:end -->"
@@ -28,7 +33,7 @@ def run(profile: str, parts: list[str], work: Path, device: str = "cpu") -> dict
     """Prepare the inputs and run ``parts``; returns {"profile", "sizes", "machine", "seconds", <part>: {...}}."""
     sizes = PROFILES[profile]
     t0 = time.perf_counter()
-    inp = prepare(work, sizes, device)
+    inp = prepare(work, sizes, device, downloads=not set(parts) <= SELF_CONTAINED)
     results: dict[str, Any] = {"profile": profile, "sizes": sizes_dict(sizes), "machine": machine(),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     seconds = {"prepare": time.perf_counter() - t0}
@@ -73,7 +78,8 @@ def main() -> None:
                     help="sizes: cpu (<= 15 min on 2 cores), gpu (larger, on CUDA), tiny (seconds, for tests)")
     ap.add_argument("--out", type=Path, default=Path("bench/results.json"))
     ap.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
-    ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=None,
+                    help="default: every part but gpu_throughput; with --profile gpu: gpu_throughput")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cvpipe-bench"), help="downloads, features, samples")
     ap.add_argument("--allow-load", action="store_true",
                     help=f"run even when the 1-minute load average is above {MAX_LOAD} (the figures are then noise)")
@@ -82,7 +88,8 @@ def main() -> None:
     if load > MAX_LOAD and not args.allow_load:
         sys.exit(f"bench: the machine is busy (1-minute load average {load:.2f} > {MAX_LOAD}): its figures would "
                  "measure the other work. Wait for it, or pass --allow-load to run anyway.")
-    results = run(args.profile, args.parts, args.work, "cuda" if args.profile == "gpu" else "cpu")
+    parts = args.parts or (["gpu_throughput"] if args.profile == "gpu" else [k for k in PARTS if k != "gpu_throughput"])
+    results = run(args.profile, parts, args.work, "cuda" if args.profile == "gpu" else "cpu")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(args.markdown, report(results))

@@ -91,3 +91,17 @@ def test_table_and_markdown_block(tiny, tmp_path: Path):
     text = md.read_text()
     assert "old" not in text and "intro" in text and "## Notes\nkept" in text
     assert text.count(BEGIN) == 1 and "| a. feature extractor" in text and "peak RSS MiB" in text
+
+
+def test_gpu_profile_runs_on_cpu_at_a_tiny_size(tmp_path):
+    """`--profile gpu`'s part, on the CPU with tiny sizes: device-resident generated data, no downloads."""
+    res = run("tiny", ["gpu_throughput"], tmp_path)
+    g = res["gpu_throughput"]
+    assert (g["backbone"], g["amp"], g["n_images"], g["image_size"]) == ("resnet18", "bfloat16", 64, 32)
+    assert g["feature_dim"] == 512 and g["measured_images"] == 16
+    assert _finite(g["fe_images_per_s"], g["ft_images_per_s"], g["projected_seed_ft_s"], g["ft_loss"])
+    # 5 epochs of 50,000 at the measured fine-tune rate, plus a 10,000-image test pass
+    assert g["projected_seed_ft_s"] == pytest.approx(250_000 / g["ft_images_per_s"] + 10_000 / g["fe_images_per_s"])
+    assert not (tmp_path / "backbone").exists()
+    rows = table_rows(res)
+    assert len(rows) == 2 and "projected seed experiment" in rows[1][1]
