@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -31,23 +33,32 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-extensions", "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1")
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class Browser:
     """One headless Chromium with one page; a context manager that stops the browser on exit."""
 
     def __init__(self, size: tuple[int, int] = (1600, 1000)):
         self.size = size
-        self._profile = tempfile.TemporaryDirectory(prefix="cvpipe-chromium-")
+        self._profile = tempfile.mkdtemp(prefix="cvpipe-chromium-")
         self._proc = subprocess.Popen(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={self._profile.name}", "--remote-debugging-port=0",
+            [CHROMIUM, *FLAGS, f"--user-data-dir={self._profile}", "--remote-debugging-port=0",
              f"--window-size={size[0]},{size[1]}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
         self._ids = itertools.count(1)
         self._ws = None
 
     def __enter__(self) -> Browser:
         from websockets.sync.client import connect
 
-        port_file = Path(self._profile.name) / "DevToolsActivePort"
+        port_file = Path(self._profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.is_file() and port_file.read_text().strip()):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -68,13 +79,31 @@ class Browser:
     def close(self) -> None:
         if self._ws is not None:
             self._ws.close()
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._profile.cleanup()
+        # Chromium's helpers (zygote, renderers, crash handler) share its process group and may still
+        # write into the profile after the browser itself exits: stop the whole group, then remove the
+        # profile, retrying while a straggler finishes its last write.
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self._proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self._proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(self._proc.pid):
+                break
+            time.sleep(0.5)
+        for attempt in range(20):
+            try:
+                shutil.rmtree(self._profile)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.25)
 
     def send(self, method: str, **params: Any) -> dict:
         """One DevTools command; returns its result (events in between are skipped)."""
