@@ -200,7 +200,7 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Train the classifier in one mode: a frozen feature extractor with a new head, or fine-tuned."""
-    from cvpipe import MODES
+    from cvpipe.layout import MODES
 
     if mode not in MODES:
         raise typer.BadParameter(f"expected one of {', '.join(MODES)}", param_hint="--mode")
@@ -432,7 +432,7 @@ def sweep(
       dvc exp run --run-all
       dvc exp show   (or: cvpipe compare)
     """
-    from cvpipe import MODES
+    from cvpipe.layout import MODES
 
     names = [b.strip() for b in backbones.split(",") if b.strip()]
     ov = _overrides(set_)

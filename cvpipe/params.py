@@ -15,7 +15,7 @@ import reprlib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cvpipe import MODES
+from cvpipe.layout import MODES, Mode
 
 PARAMS_FILE = "params.yaml"
 
@@ -95,7 +95,7 @@ class TrainParams(_Strict):
     backbone: Literal["alexnet", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
     weights: str = Field(min_length=1)
     weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    modes: list[Literal["feature_extractor", "fine_tune"]] = Field(min_length=1)
+    modes: list[Mode] = Field(min_length=1)
     image_size: int = Field(ge=16, le=1024)
     interpolation: Literal["bilinear", "bicubic", "nearest"]
     batch_size: int = Field(ge=1, le=100_000)

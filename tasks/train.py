@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 from tqdm import tqdm
 
-from cvpipe import MODES
+from cvpipe.layout import MODES
 from cvpipe.errors import UserError
 from cvpipe.io import CorruptFile, atomic_path, file_hash, load_npz, read_json, save_npz, write_json
 from cvpipe.params import Params, TrainParams
