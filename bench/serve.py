@@ -52,7 +52,7 @@ def register_model(work: Path, weights: Path, image_size: int, example: np.ndarr
 
     from cvpipe import model_flavor
     from cvpipe.params import load_params
-    from cvpipe.tracking import configure
+    from flows.tracking import configure
     from tasks.backbones import ImageClassifier, build_model
 
     work.mkdir(parents=True, exist_ok=True)

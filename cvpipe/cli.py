@@ -100,7 +100,7 @@ def _check(params: Path, overrides: dict[str, Any]) -> None:
                 message = str(blamed)
         _fail(f"error: {one_line(message)}", 2)
     # A tracking server that does not answer fails here, in seconds, before any work.
-    from cvpipe.tracking import TrackingError, check_tracking
+    from flows.tracking import TrackingError, check_tracking
 
     try:
         check_tracking(load_params(params, overrides))
@@ -330,11 +330,11 @@ TrustOpt = Annotated[bool, typer.Option(
 
 
 def _load_model(p, alias: str, trust_model_code: bool):
-    """The registered model at ``alias`` (:func:`cvpipe.registry.load_registered`), or one error line."""
+    """The registered model at ``alias`` (:func:`cvpipe.predict.load_registered`), or one error line."""
     from mlflow.exceptions import MlflowException
 
     from cvpipe.errors import UserError, user_facing
-    from cvpipe.registry import load_registered
+    from cvpipe.predict import load_registered
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar for a few KB
     try:
@@ -364,7 +364,7 @@ def predict(
     """
     _check(params, {})
     from cvpipe.params import load_params
-    from cvpipe.registry import classify
+    from cvpipe.predict import classify
 
     p = load_params(params)
     loaded = _load_model(p, alias, trust_model_code)
@@ -421,12 +421,13 @@ def sweep(
 ) -> None:
     """Compare backbones: for each, download its weights, train each mode, evaluate; then print the table.
 
-    Each backbone and mode is an MLflow run `train-<mode>` with test accuracy, parameters,
-    images/s, latency per image and model size; `cvpipe compare` shows them later.
-    Outputs go under <paths.train>/sweep/, so the main pipeline's outputs are untouched.
-    --set applies to every backbone. Evaluate registers each backbone's best model.
+    One Prefect flow `sweep` with a task per backbone (see flows/sweep.py). Each backbone and mode is
+    an MLflow run `train-<mode>` tagged sweep=<id>, with test accuracy, parameters, images/s,
+    latency per image and model size; a `sweep-<id>` run holds the comparison table. Outputs go
+    under <paths.train>/sweep/, so the main pipeline's outputs are untouched. --set applies to
+    every backbone. Evaluate registers each backbone's best model.
 
-    Alternative with DVC experiments (each a full `dvc repro` with its own parameters):
+    The same comparison as DVC experiments (each a full `dvc repro` with its own parameters):
       dvc exp run --queue -S train.backbone=resnet18
       dvc exp run --queue -S train.backbone=vgg16 -S train.weights=none
       dvc exp run --run-all
@@ -450,33 +451,18 @@ def sweep(
         _connect_prefect()
         from cvpipe.compare import format_table, run_row
         from cvpipe.params import load_params
-        from cvpipe.tracking import configure
-        from flows.download import download_flow
-        from flows.evaluate import evaluate_flow
-        from flows.preprocess import preprocess_flow
-        from flows.train import train_flow
+        from flows.sweep import backbone_overrides, sweep_flow
+        from flows.tracking import configure
         from tasks.evaluate import model_run_id
 
+        out = _run(sweep_flow, params, backbones=names, overrides=ov or None)
         base = load_params(params, ov)
-        root = base.paths.train / "sweep"
-        shared = {**ov, "paths.processed": str(root / "processed"), "paths.features": str(root / "features")}
-        per_backbone = {b: {**shared, "train.backbone": b, "paths.backbone": str(root / b / "weights"),
-                            "paths.train": str(root / b / "train"), "paths.evaluate": str(root / b / "evaluate")}
-                        for b in names}
-        for i, (b, ovb) in enumerate(per_backbone.items()):
-            typer.echo(f"sweep: {b} ({i + 1}/{len(names)})")
-            _run(download_flow, params, overrides=ovb)
-            if i == 0:  # the data are the same for every backbone
-                _run(preprocess_flow, params, overrides=ovb)
-            for mode in base.train.modes:
-                _run(train_flow, params, overrides=ovb, mode=mode)
-            _run(evaluate_flow, params, overrides=ovb)
         client, _ = configure(base)
         rows = [run_row(client.get_run(model_run_id(load_params(params, ovb), mode)))
-                for ovb in per_backbone.values() for mode in base.train.modes]
+                for ovb in backbone_overrides(base, ov, names).values() for mode in base.train.modes]
         typer.echo("")
         typer.echo(format_table(rows))
-        typer.echo(f"\noutputs under {root}; all runs: cvpipe compare")
+        typer.echo(f"\noutputs under {out['root']}; MLflow run sweep-{out['sweep_id']}; all runs: cvpipe compare")
 
 
 server_app = typer.Typer(
@@ -562,7 +548,7 @@ def _profile(name: str) -> dict[str, Any]:
 
 def _where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
     from cvpipe.params import load_params
-    from cvpipe.tracking import tracking_uri, ui_runs_url
+    from flows.tracking import tracking_uri, ui_runs_url
 
     p = load_params(params)
     uri = tracking_uri(p)

@@ -44,7 +44,7 @@ def run_row(run) -> dict[str, Any]:
 
 def collect_runs(p: Params, max_runs: int = 50) -> list[dict[str, Any]]:
     """Finished train-stage runs of the project's experiment, newest first."""
-    from cvpipe.tracking import configure
+    from flows.tracking import configure
 
     client, exp_id = configure(p)
     runs = client.search_runs([exp_id], filter_string="tags.stage = 'train' and attributes.status = 'FINISHED'",

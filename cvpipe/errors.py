@@ -10,7 +10,14 @@ MAX_PROBLEMS = 4
 
 class UserError(Exception):
     """An error whose message says what is wrong and what to do (wrong input, busy project,
-    missing hardware); the command line prints it as one line."""
+    missing hardware); the command line prints it as one line.
+
+    Subclasses live in the layer that raises them (a download that found no source, a busy DVC
+    lock...), so this module needs to know none of them.
+    """
+
+    #: Fold a multi-line message (a header and indented items) into one line; False prints it as is.
+    fold: bool = True
 
 
 def one_line(text: str, max_items: int = MAX_PROBLEMS) -> str:
@@ -61,18 +68,16 @@ def pickled_message(err: BaseException) -> str:
 
 def user_facing(err: BaseException) -> str | None:
     """The message to print for errors with a clear remedy; None for real bugs (shown as tracebacks)."""
-    from cvpipe.dvc_sync import DvcLockBusy
     from cvpipe.io import ChecksumError, CorruptFile
     from cvpipe.params import ParamsError
-    from tasks.download import AssetUnavailable
 
     if isinstance(err, UserError):  # its own message says it best (a full disk included)
-        return f"error: {one_line(str(err))}"
+        return f"error: {one_line(str(err)) if err.fold else err}"
     full = _disk_full(err)
     if full is not None:
         return full
     if isinstance(err, (ParamsError, CorruptFile)):
         return f"error: {one_line(str(err))}"
-    if isinstance(err, (AssetUnavailable, ChecksumError, DvcLockBusy, FileNotFoundError)):
+    if isinstance(err, (ChecksumError, FileNotFoundError)):
         return f"error: {err}"
     return _pickled(err)

@@ -1,6 +1,6 @@
 """``cvpipe serve-model``: the registered classifier as an HTTP API on 127.0.0.1.
 
-The model is loaded as ``cvpipe predict`` loads it (:func:`cvpipe.registry.load_registered`:
+The model is loaded as ``cvpipe predict`` loads it (:func:`cvpipe.predict.load_registered`:
 checked, nothing from the store executed) and served in this process with uvicorn, so serving
 needs neither an activated virtualenv nor an exported ``MLFLOW_TRACKING_URI``. Requests follow
 MLflow's scoring protocol (``POST /invocations`` with ``inputs``, ``instances``,
@@ -130,7 +130,7 @@ def build_app(model: Any):
 
 
 def serve(loaded, host: str, port: int, say=print) -> None:
-    """Serve a :class:`cvpipe.registry.LoadedModel` on ``host:port`` until interrupted (SIGINT/SIGTERM)."""
+    """Serve a :class:`cvpipe.predict.LoadedModel` on ``host:port`` until interrupted (SIGINT/SIGTERM)."""
     import uvicorn
 
     app = build_app(loaded.model)

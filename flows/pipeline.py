@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cvpipe.dvc_sync import DvcSync
+from flows.dvc_sync import DvcSync
 from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
 

@@ -76,7 +76,7 @@ def test_evaluate_needs_a_trained_model(tmp_path):
 def _runs(p):
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.tracking import tracking_uri
+    from flows.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(p))
     exp = client.get_experiment_by_name(p.mlflow.experiment)
@@ -154,8 +154,8 @@ def check_registered(p, metrics: dict[str, dict]) -> None:
     """The best mode's logged model (``models:/<model_id>``) is registered, with its run."""
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.registry import logged_model_id
-    from cvpipe.tracking import tracking_uri
+    from flows.registry import logged_model_id
+    from flows.tracking import tracking_uri
 
     client, runs = _runs(p)
     best = max(metrics, key=lambda m: metrics[m]["test_acc"])

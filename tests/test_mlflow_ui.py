@@ -45,7 +45,7 @@ def store(tmp_path_factory, prefect_server):
 @pytest.fixture(scope="module")
 def ui(store, tmp_path_factory):
     """`mlflow ui` on the store, bound to 127.0.0.1, as the CLI tells the user to start it; yields its URL."""
-    from cvpipe.tracking import tracking_uri
+    from flows.tracking import tracking_uri
 
     port = _free_port()
     log = tmp_path_factory.mktemp("ui-log") / "mlflow-ui.log"
@@ -76,7 +76,7 @@ def ui(store, tmp_path_factory):
 def _runs(p) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.tracking import tracking_uri
+    from flows.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(p))
     exp = client.get_experiment_by_name(p.mlflow.experiment)
@@ -84,7 +84,7 @@ def _runs(p) -> dict:
 
 
 def test_printed_url_opens_the_training_runs_with_their_source(store, ui, tmp_path):
-    from cvpipe.tracking import ui_runs_url
+    from flows.tracking import ui_runs_url
 
     url = ui_runs_url(store, ui)
     assert url.endswith("/runs?workflowType=machine_learning")

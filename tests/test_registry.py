@@ -1,4 +1,4 @@
-"""The champion alias when evaluates race on one tracking server (cvpipe.registry._settle_champion)."""
+"""The champion alias when evaluates race on one tracking server (flows.registry._settle_champion)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from mlflow.exceptions import MlflowException
 
-from cvpipe import registry
+from flows import registry
 
 
 class FakeRegistry:

@@ -209,7 +209,7 @@ def test_dvc_lock_contention_is_a_clear_message(tmp_path, capsys):
     import typer
 
     from cvpipe.cli import _run
-    from cvpipe.dvc_sync import DvcLockBusy, DvcSync
+    from flows.dvc_sync import DvcLockBusy, DvcSync
 
     root = tmp_path / "proj"
     _git_dvc_project(root)
@@ -238,7 +238,7 @@ LOG_RUN = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from cvpipe.params import load_params
-    from cvpipe.tracking import stage_run
+    from flows.tracking import stage_run
 
     p = load_params(sys.argv[1])
     while not Path(sys.argv[3]).exists():  # start together
@@ -253,7 +253,7 @@ LOG_RUN = textwrap.dedent("""
 def _log_concurrently(tmp_path: Path, fresh_store: bool) -> None:
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.tracking import configure, tracking_uri
+    from flows.tracking import configure, tracking_uri
 
     params = write_params(tmp_path)
     if not fresh_store:
@@ -283,5 +283,5 @@ def test_two_processes_log_to_one_mlflow_store(tmp_path):
 
 
 def test_two_processes_create_one_mlflow_store(tmp_path):
-    """Creating a new sqlite store runs MLflow's migrations: cvpipe.tracking.configure serialises them."""
+    """Creating a new sqlite store runs MLflow's migrations: flows.tracking.configure serialises them."""
     _log_concurrently(tmp_path, fresh_store=True)

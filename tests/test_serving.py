@@ -237,8 +237,8 @@ def digits_registry(tmp_path_factory):
     """A digits classifier (feature extractor at 32 px) trained, logged as the train flow logs it and
     registered as champion in a temporary store; the digit sample the download stage writes."""
     from cvpipe.params import load_params
-    from cvpipe.registry import register_best
-    from cvpipe.tracking import stage_run
+    from flows.registry import register_best
+    from flows.tracking import stage_run
     from flows.train import log_model
     from tasks.download import digit_sample, download_backbone, export_digits
     from tasks.preprocess import preprocess

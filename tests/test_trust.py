@@ -59,8 +59,8 @@ def project(tmp_path_factory):
     """A tiny project with one trained, logged (as the train flow logs) and registered model."""
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.registry import logged_model_id, register_best
-    from cvpipe.tracking import stage_run, tracking_uri
+    from flows.registry import logged_model_id, register_best
+    from flows.tracking import stage_run, tracking_uri
     from flows.train import log_model
     from tasks.train import train, write_run_id
 
@@ -114,7 +114,7 @@ def test_logged_model_is_data_only_and_predicts_like_training(project):
     import mlflow.pyfunc
 
     from cvpipe.model_flavor import load_classifier_data, softmax
-    from cvpipe.registry import predict
+    from cvpipe.predict import predict
     from tasks.train import MODEL, load_classifier
 
     model_dir, p = project["model_dir"], project["p"]
@@ -158,7 +158,7 @@ def test_logged_model_is_data_only_and_predicts_like_training(project):
 def test_predict_makes_files_that_are_not_images_per_file_errors(project, tmp_path):
     """README.md, an empty file and a truncated PNG among real images: each is its own error, the
     images are still classified, in order (the CLI prints one line per error and exits 1)."""
-    from cvpipe.registry import predict
+    from cvpipe.predict import predict
 
     image = next(iter(project["images"]))
     empty, truncated = tmp_path / "empty.png", tmp_path / "truncated.png"
@@ -173,7 +173,7 @@ def test_predict_makes_files_that_are_not_images_per_file_errors(project, tmp_pa
 def test_predict_never_runs_code_planted_in_the_store(store, tmp_path):
     """Python files written into every folder of the stored model (where MLflow once copied `tasks`)
     are never imported: predict still answers and the marker is never written."""
-    from cvpipe.registry import predict
+    from cvpipe.predict import predict
 
     model_dir, marker = store["model_dir"], tmp_path / "marker"
     assert not list(model_dir.rglob("*.py"))  # nothing to append to: the model stores no code
@@ -191,7 +191,7 @@ def test_predict_never_runs_code_planted_in_the_store(store, tmp_path):
     code = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         from pathlib import Path
         from cvpipe.params import load_params
-        from cvpipe.registry import predict
+        from cvpipe.predict import predict
         print(predict(load_params({str(store['params'])!r}),
                       [Path({str(list(store['images'])[0])!r})])[0]['top'][0][0])
     """)], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -233,7 +233,7 @@ def _tamper(model_dir: Path, marker: Path, how: str) -> None:
                                  "non_cvpipe_installed_loader", "model_from_code", "data_outside"])
 def test_tampered_mlmodel_is_refused_with_one_clear_error(store, tmp_path, how):
     from cvpipe.model_flavor import UntrustedModel
-    from cvpipe.registry import predict
+    from cvpipe.predict import predict
 
     marker = tmp_path / "marker"
     _tamper(store["model_dir"], marker, how)
@@ -267,7 +267,7 @@ def test_serve_model_refuses_what_predict_refuses(store, tmp_path, how):
 def test_tampered_weights_are_refused_without_unpickling(store, tmp_path):
     """weights.npz replaced by an archive holding a pickled object: refused, never unpickled."""
     from cvpipe.model_flavor import UntrustedModel
-    from cvpipe.registry import predict
+    from cvpipe.predict import predict
 
     marker = tmp_path / "marker"
     weights = store["model_dir"] / "data" / "classifier" / "weights.npz"
@@ -287,8 +287,8 @@ def test_a_model_of_the_old_format_is_refused_unless_trusted(project):
     from mlflow.tracking import MlflowClient
 
     from cvpipe.model_flavor import UntrustedModel
-    from cvpipe.registry import predict
-    from cvpipe.tracking import stage_run, tracking_uri
+    from cvpipe.predict import predict
+    from flows.tracking import stage_run, tracking_uri
     from tasks.train import MODEL, load_classifier
 
     p = project["p"]
@@ -321,8 +321,8 @@ def test_registration_writes_the_tags_with_the_version(project, monkeypatch):
     """A kill right after the version is created cannot leave it untagged: no separate tag call is made."""
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.registry import register_best
-    from cvpipe.tracking import tracking_uri
+    from flows.registry import register_best
+    from flows.tracking import tracking_uri
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed right after the version was created")
@@ -339,8 +339,9 @@ def test_registration_writes_the_tags_with_the_version(project, monkeypatch):
 def test_a_version_left_untagged_is_repaired_on_the_next_registration_and_predicts(project):
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.registry import predict, register_best
-    from cvpipe.tracking import tracking_uri
+    from flows.registry import register_best
+    from cvpipe.predict import predict
+    from flows.tracking import tracking_uri
 
     p = project["p"]
     name = p.mlflow.registered_model
@@ -363,7 +364,7 @@ def test_a_version_left_untagged_is_repaired_on_the_next_registration_and_predic
 OPEN_RUN = textwrap.dedent("""
     import sys, time
     from cvpipe.params import load_params
-    from cvpipe.tracking import stage_run
+    from flows.tracking import stage_run
     with stage_run(load_params(sys.argv[1]), "train", run_name=sys.argv[2]) as run:
         print(run.run_id, flush=True)
         time.sleep(600)
@@ -373,7 +374,7 @@ OPEN_RUN = textwrap.dedent("""
 def test_runs_of_killed_processes_are_marked_killed_at_the_next_stage(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.tracking import HOST_TAG, PID_TAG, configure, stage_run, tracking_uri
+    from flows.tracking import HOST_TAG, PID_TAG, configure, stage_run, tracking_uri
 
     params = write_params(tmp_path)
     p = load_params(params)
@@ -405,7 +406,7 @@ def test_runs_of_killed_processes_are_marked_killed_at_the_next_stage(tmp_path):
 
 
 def test_owner_alive_tells_a_reused_pid_apart():
-    from cvpipe.tracking import PID_START_TAG, PID_TAG, owner_alive, owner_tags
+    from flows.tracking import PID_START_TAG, PID_TAG, owner_alive, owner_tags
 
     tags = owner_tags()
     assert owner_alive(tags)
@@ -426,7 +427,7 @@ def _closed_port() -> int:
 
 
 def test_an_unreachable_tracking_server_fails_in_seconds_with_one_line(tmp_path, monkeypatch):
-    from cvpipe.tracking import TrackingUnreachable, check_tracking, stage_run
+    from flows.tracking import TrackingUnreachable, check_tracking, stage_run
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's choice is kept
@@ -450,7 +451,7 @@ def test_an_unreachable_tracking_server_fails_in_seconds_with_one_line(tmp_path,
 
 
 def test_a_server_that_answers_health_passes(tmp_path, http_root):
-    from cvpipe.tracking import TrackingUnreachable, check_tracking
+    from flows.tracking import TrackingUnreachable, check_tracking
 
     root, url = http_root
     p = load_params(write_params(tmp_path, {"mlflow.tracking_uri": url}))
@@ -466,7 +467,7 @@ def test_a_server_that_answers_health_passes(tmp_path, http_root):
 def test_two_clones_sharing_a_store_never_mix_artifacts(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.tracking import ArtifactLocationConflict, configure, stage_run, tracking_uri
+    from flows.tracking import ArtifactLocationConflict, configure, stage_run, tracking_uri
 
     shared = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
     (tmp_path / "shared").mkdir()

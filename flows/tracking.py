@@ -14,6 +14,7 @@ the folder of another clone that shares its tracking store.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import socket
 import ssl
@@ -27,6 +28,8 @@ from cvpipe.errors import UserError
 from cvpipe.params import Params
 
 # DVC sets these while `dvc exp run` executes a stage; recording them lets both tools name the same run.
+#: Tags every run opened in this context carries besides its own (a sweep's id): see :func:`run_tags`.
+_EXTRA_TAGS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("cvpipe_run_tags", default={})
 DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev", "DVC_ROOT": "dvc.root"}
 # Who opened a run: a run still RUNNING whose process is gone on this host was killed.
 HOST_TAG, PID_TAG, PID_START_TAG = "cvpipe.host", "cvpipe.pid", "cvpipe.pid_start"
@@ -340,6 +343,16 @@ def reap_stale_runs(client, experiment_id: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def run_tags(tags: Mapping[str, Any]) -> Iterator[None]:
+    """Add ``tags`` to every MLflow run :func:`stage_run` opens inside this block (this thread)."""
+    token = _EXTRA_TAGS.set({**_EXTRA_TAGS.get(), **{k: str(v) for k, v in tags.items()}})
+    try:
+        yield
+    finally:
+        _EXTRA_TAGS.reset(token)
+
+
+@contextlib.contextmanager
 def stage_run(p: Params, stage: str, run_name: str | None = None,
               tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """Open an MLflow run tagged ``stage=<stage>``; it ends FINISHED, or FAILED on an exception.
@@ -351,6 +364,7 @@ def stage_run(p: Params, stage: str, run_name: str | None = None,
     reap_stale_runs(client, exp_id)
     all_tags = {"stage": stage, "mlflow.runName": run_name or stage, **source_tags(stage), **owner_tags()}
     all_tags.update({t: os.environ[e] for e, t in DVC_ENV_TAGS.items() if os.environ.get(e)})
+    all_tags.update(_EXTRA_TAGS.get())
     all_tags.update(tags or {})
     run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name or stage)
     sr = StageRun(client, run.info.run_id)

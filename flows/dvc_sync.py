@@ -12,14 +12,18 @@ import logging
 import threading
 from pathlib import Path
 
+from cvpipe.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # DVC's own repo lock is per process-file; threads of one pipeline run take turns here first.
 _LOCK = threading.Lock()
 
 
-class DvcLockBusy(RuntimeError):
+class DvcLockBusy(UserError, RuntimeError):
     """Another DVC process (a `dvc repro`, another pipeline run) holds the repository lock."""
+
+    fold = False
 
 
 class DvcSync:
