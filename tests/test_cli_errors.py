@@ -2,7 +2,7 @@
 
 Parameter errors go through the real ``cvpipe`` executable: they fail before Prefect starts, in
 well under a second. Errors raised inside a stage go through the CLI's wrapper around every
-flow (:func:`cvpipe.cli._run`), fed the real exception of the real code path.
+flow (:func:`cvpipe.cli_support.run_flow`), fed the real exception of the real code path.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def test_bad_value_in_file_blames_the_file_not_the_flag(tmp_path):
 
 def _through_cli(err: BaseException, capsys) -> str:
     """What the CLI prints when a stage's flow raises ``err`` (exit code 1 and one line)."""
-    from cvpipe.cli import _run
+    from cvpipe.cli_support import run_flow as _run
 
     def flow(params_file):
         raise err

@@ -149,7 +149,7 @@ def detector_dir(tmp_path_factory) -> Path:
 
 
 def test_truncated_darknet_weights_are_a_clear_error(detector_dir, tmp_path):
-    from tasks.detect import check_detector
+    from tasks.predictor import check_detector
 
     broken = tmp_path / "detector"
     broken.mkdir()
@@ -163,7 +163,8 @@ def test_truncated_darknet_weights_are_a_clear_error(detector_dir, tmp_path):
 
 def test_huge_image_is_detected_not_a_crash(detector_dir, tmp_path):
     """10000 x 10000 (300 MB decoded): read, resized into the blob, annotated, or else a failure with a reason."""
-    from tasks.detect import detect_shard, plan_inputs
+    from tasks.detect_inputs import plan_inputs
+    from tasks.detect_shard import detect_shard
 
     img = np.full((10_000, 10_000, 3), 90, np.uint8)
     cv2.rectangle(img, (2000, 2000), (8000, 8000), (200, 40, 40), -1)
@@ -208,7 +209,7 @@ HOLD_LOCK = textwrap.dedent("""
 def test_dvc_lock_contention_is_a_clear_message(tmp_path, capsys):
     import typer
 
-    from cvpipe.cli import _run
+    from cvpipe.cli_support import run_flow as _run
     from flows.dvc_sync import DvcLockBusy, DvcSync
 
     root = tmp_path / "proj"

@@ -84,7 +84,8 @@ def test_servers_bind_localhost():
                 for m in re.finditer(r"0\.0\.0\.0|host\s*=\s*[\"'][\"']", f.read_text())]
     assert not wildcard, wildcard
     server = re.compile(r"\b(mlflow (ui|server)|prefect server start)\b")
-    cli = [ln for ln in (ROOT / "cvpipe/cli.py").read_text().splitlines() if "echo" in ln and server.search(ln)]
+    cli = [ln for f in sorted((ROOT / "cvpipe").glob("cli*.py")) for ln in f.read_text().splitlines()
+           if "echo" in ln and server.search(ln)]
     assert any("mlflow ui" in ln for ln in cli)
     readme = [ln for ln in (ROOT / "README.md").read_text().splitlines()
               if server.search(ln) and not ln.lstrip().startswith(("#", ">"))]
