@@ -7,7 +7,7 @@ logging is safe from Prefect's worker threads.
 Failure modes handled here: a tracking server that does not answer is one clear error
 within seconds (:func:`check_tracking`), not MLflow's twenty minutes of retries; runs left
 RUNNING by a killed process are marked KILLED when the next stage starts (each run is
-tagged with its owner's host and pid); and a project never writes its artifacts into
+tagged with its owner's host and pid: :mod:`flows.run_owners`); and a project never writes its artifacts into
 the folder of another clone that shares its tracking store.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import socket
 import ssl
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -26,13 +25,12 @@ from urllib.parse import unquote, urlparse
 
 from cvpipe.errors import UserError
 from cvpipe.params import Params
+from flows.run_owners import owner_tags, reap_stale_runs
 
-# DVC sets these while `dvc exp run` executes a stage; recording them lets both tools name the same run.
 #: Tags every run opened in this context carries besides its own (a sweep's id): see :func:`run_tags`.
 _EXTRA_TAGS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("cvpipe_run_tags", default={})
+# DVC sets these while `dvc exp run` executes a stage; recording them lets both tools name the same run.
 DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev", "DVC_ROOT": "dvc.root"}
-# Who opened a run: a run still RUNNING whose process is gone on this host was killed.
-HOST_TAG, PID_TAG, PID_START_TAG = "cvpipe.host", "cvpipe.pid", "cvpipe.pid_start"
 # MLflow's HTTP defaults (7 retries with backoff, 120 s timeouts) turn an unreachable server into a
 # twenty-minute hang; these apply unless the user set the variables.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -276,70 +274,6 @@ def source_tags(stage: str, root: Path | None = None) -> dict[str, str]:
     if r.returncode == 0 and r.stdout.strip():
         tags["mlflow.source.git.commit"] = r.stdout.strip()
     return tags
-
-
-def owner_tags() -> dict[str, str]:
-    """Tags naming this process: host, pid and the pid's start time (which tells a reused pid apart)."""
-    start = _process_start(os.getpid())
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: start or ""}
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``); None where unknown."""
-    stat = _proc_stat(pid)
-    return stat[19] if stat is not None and len(stat) > 19 else None
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` after the command name (state first); None without /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()
-
-
-def owner_alive(tags: Mapping[str, str]) -> bool:
-    """Whether the process named by a run's owner tags still runs on this host.
-
-    A zombie, or a pid now held by a process that started at another time, counts as gone.
-    """
-    try:
-        pid = int(tags[PID_TAG])
-    except (KeyError, ValueError):
-        return True  # not ours to judge
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    stat = _proc_stat(pid)
-    if stat is None:  # no /proc (not Linux): trust kill(); with /proc, the process just ended
-        return not Path("/proc/self/stat").exists()
-    if stat[0] == "Z":
-        return False
-    started = tags.get(PID_START_TAG)
-    return not started or len(stat) <= 19 or stat[19] == started
-
-
-def reap_stale_runs(client, experiment_id: str) -> list[str]:
-    """Mark KILLED the runs of this experiment still RUNNING whose owner process on this host is gone.
-
-    Runs of other hosts, of live processes, and runs without owner tags are left alone.
-
-    Returns:
-        The ids of the runs marked KILLED.
-    """
-    host = socket.gethostname()
-    runs = client.search_runs([experiment_id], max_results=1000,
-                              filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
-    killed = []
-    for run in runs:
-        if run.info.status == "RUNNING" and not owner_alive(run.data.tags):
-            client.set_terminated(run.info.run_id, "KILLED")
-            killed.append(run.info.run_id)
-    return killed
 
 
 @contextlib.contextmanager

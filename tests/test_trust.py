@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, write_params
+from test_train import TINY_CLASSES, tiny_images, tiny_project
+
 from cvpipe.errors import user_facing
 from cvpipe.params import load_params
-from test_train import TINY_CLASSES, tiny_images, tiny_project
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 MODE = "feature_extractor"
@@ -339,8 +339,8 @@ def test_registration_writes_the_tags_with_the_version(project, monkeypatch):
 def test_a_version_left_untagged_is_repaired_on_the_next_registration_and_predicts(project):
     from mlflow.tracking import MlflowClient
 
-    from flows.registry import register_best
     from cvpipe.predict import predict
+    from flows.registry import register_best
     from flows.tracking import tracking_uri
 
     p = project["p"]
@@ -374,7 +374,8 @@ OPEN_RUN = textwrap.dedent("""
 def test_runs_of_killed_processes_are_marked_killed_at_the_next_stage(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.tracking import HOST_TAG, PID_TAG, configure, stage_run, tracking_uri
+    from flows.run_owners import HOST_TAG, PID_TAG
+    from flows.tracking import configure, stage_run, tracking_uri
 
     params = write_params(tmp_path)
     p = load_params(params)
@@ -406,7 +407,7 @@ def test_runs_of_killed_processes_are_marked_killed_at_the_next_stage(tmp_path):
 
 
 def test_owner_alive_tells_a_reused_pid_apart():
-    from flows.tracking import PID_START_TAG, PID_TAG, owner_alive, owner_tags
+    from flows.run_owners import PID_START_TAG, PID_TAG, owner_alive, owner_tags
 
     tags = owner_tags()
     assert owner_alive(tags)
@@ -467,7 +468,12 @@ def test_a_server_that_answers_health_passes(tmp_path, http_root):
 def test_two_clones_sharing_a_store_never_mix_artifacts(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.tracking import ArtifactLocationConflict, configure, stage_run, tracking_uri
+    from flows.tracking import (
+        ArtifactLocationConflict,
+        configure,
+        stage_run,
+        tracking_uri,
+    )
 
     shared = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
     (tmp_path / "shared").mkdir()
