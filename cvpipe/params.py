@@ -3,6 +3,10 @@
 Every section of params.yaml has a pydantic model with ``extra="forbid"``, so a
 typo, a wrong type or an out-of-range value fails before any work starts, with
 the dotted key in the message.
+
+Why one module: it is the schema of one file, a model per section in the order of params.yaml,
+plus the loading, overriding and validating every command shares; split, a reader would chase
+one section of params.yaml across files.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ another project's server is never taken for ours). Otherwise it is replaced, wit
 why. Every wait has a timeout. A user who sets ``PREFECT_API_URL`` keeps full control: nothing is
 started or stopped. ``CVPIPE_PREFECT_SERVER=temporary`` restores Prefect's temporary server per
 process (what the tests that run the CLI use).
+
+Why one module: the server's life cycle is one protocol over one state file and one lock: probe
+the recorded server, decide whether it is ours and alive, start it under the lock or replace it,
+stop it, connect a process to it. Each step reads the state the previous one wrote; kept in
+order in one file, the protocol can be checked by reading it top to bottom.
 """
 
 from __future__ import annotations
