@@ -24,7 +24,10 @@ import numpy as np
 
 from cvpipe.io import write_json
 from cvpipe.params import load_params
-from tasks.detect import COCO80_TO_91, coco_map, coco_results, detect_shard, plan_inputs
+from tasks.detect_inputs import plan_inputs
+from tasks.detect_metrics import coco_map
+from tasks.detect_outputs import COCO80_TO_91, coco_results
+from tasks.detect_shard import detect_shard
 from tasks.download import download_detector, place_on_canvas
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,9 @@ import numpy as np
 from bench.detect_labelled import export_labelled
 from bench.seed_loops import seed_detect
 from cvpipe.params import DetectParams, load_params
-from tasks.detect import (detect_shard, load_detector, load_predictor, plan_inputs, resolve_backend,
-                          split_shards)
+from tasks.detect_inputs import plan_inputs, split_shards
+from tasks.detect_shard import detect_shard
+from tasks.predictor import load_detector, load_predictor, resolve_backend
 from tasks.download import download_detector
 from tasks.preprocess import read_image
 

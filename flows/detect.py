@@ -1,4 +1,7 @@
-"""Prefect flow for the ``detect`` stage: shards mapped over a configurable task runner."""
+"""Prefect flow for the ``detect`` stage: shards mapped over a configurable task runner.
+
+The stage's three steps, ``plan`` and ``collect`` (:mod:`tasks.detect`) and ``detect_shard``
+(:mod:`tasks.detect_shard`), become Prefect tasks here; the work itself stays in ``tasks/``."""
 
 from __future__ import annotations
 
@@ -6,12 +9,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from cvpipe.layout import DETECT_METRICS, DETECT_SUMMARY, FAILURES
 from cvpipe.params import DetectParams, Params, load_params
-from cvpipe.tracking import flatten, stage_run
-from tasks.detect import FAILURES, METRICS, SUMMARY, ShardResult, collect_task, detect_shard_task, plan_task, staged_outputs
+from flows.tracking import flatten, stage_run
+from tasks.detect import collect, plan
+from tasks.detect_shard import ShardResult, detect_shard
+from tasks.detect_staging import staged_outputs
+
+plan_task = task(plan, name="detect-plan", cache_policy=NO_CACHE)
+detect_shard_task = task(detect_shard, name="detect-shard", cache_policy=NO_CACHE)
+collect_task = task(collect, name="detect-collect", cache_policy=NO_CACHE)
 
 
 def task_runner(dp: DetectParams) -> TaskRunner:
@@ -65,8 +76,8 @@ def detect_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | No
             results = detect_shards.with_options(task_runner=task_runner(p.detect))(p, staging)
             summary = collect_task(p, results, staging)
         run.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
-        run.log_artifact(p.paths.detect / METRICS)
-        run.log_artifact(p.paths.detect / SUMMARY)
+        run.log_artifact(p.paths.detect / DETECT_METRICS)
+        run.log_artifact(p.paths.detect / DETECT_SUMMARY)
         run.log_artifact(p.paths.detect / FAILURES)
     print(f"detect: {summary['images']} images, {summary['detections']} detections, "
           f"{summary['failures']} failures, {summary['images_per_s']} images/s")

@@ -1,10 +1,11 @@
 """The ``torch`` backend of the ``detect`` stage: the Darknet network of :mod:`tasks.darknet` run by
 PyTorch, on CUDA when there is one.
 
-It overrides steps of :class:`tasks.detect.Predictor`: ``network_input`` (the batch stays uint8),
+It overrides steps of :class:`tasks.predictor.Predictor`: ``network_input`` (the batch stays uint8),
 ``inference`` (uint8 pixels sent to the device as they are and scaled there;
-``torch.inference_mode``; on CUDA bf16 autocast and channels_last) and ``postprocess`` (scores, boxes in original pixels and class-aware NMS with
-``torchvision.ops.batched_nms`` on the device, so only the kept boxes come back to the host).
+``torch.inference_mode``; on CUDA bf16 autocast and channels_last) and ``postprocess`` (scores,
+boxes in original pixels and class-aware NMS with ``torchvision.ops.batched_nms`` on the device,
+so only the kept boxes come back to the host).
 Preprocessing, reading and writing are the shared ones.
 """
 
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
+from cvpipe.layout import DETECTOR_CFG, DETECTOR_CLASSES, DETECTOR_WEIGHTS
 from cvpipe.params import DetectParams
 from tasks.darknet import Darknet, load_darknet
-from tasks.detect import Batch, Detections, Predictor, read_classes, split_per_image
+from tasks.boxes import Detections, split_per_image
+from tasks.predictor import Batch, Predictor, read_classes
 
 
 class TorchNet(NamedTuple):
@@ -36,12 +39,12 @@ class TorchPredictor(Predictor):
 
     @classmethod
     def load(cls, detector_dir: Path, dp: DetectParams, device: str) -> "TorchPredictor":
-        """Build the network of ``model.cfg`` with ``model.weights`` (read as raw float32) on ``device``."""
+        """Build the network of the cfg file with the weights file (read as raw float32) on ``device``."""
         dev = torch.device(device)
-        model = load_darknet((detector_dir / "model.cfg").read_text(), detector_dir / "model.weights").to(dev)
+        model = load_darknet((detector_dir / DETECTOR_CFG).read_text(), detector_dir / DETECTOR_WEIGHTS).to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        return cls(read_classes(detector_dir / "classes.txt"), dp, TorchNet(model, dev))
+        return cls(read_classes(detector_dir / DETECTOR_CLASSES), dp, TorchNet(model, dev))
 
     def network_input(self, pixels: list[np.ndarray]) -> np.ndarray:
         """(N, S, S, 3) uint8: a quarter of the float bytes go to the device, scaled there."""

@@ -162,7 +162,8 @@ def serve_yolov3(root: Path) -> dict[str, Path]:
 def test_generated_yolov3_is_the_full_network_and_opencv_runs_it(tmp_path):
     """The served detector has YOLOv3's structure and weight count; OpenCV reads it and the
     project's decoding finds the planted class at 416 px."""
-    from tasks.detect import forward, load_detector, make_blob, postprocess
+    from tasks.boxes import postprocess
+    from tasks.predictor import forward, load_detector, make_blob
 
     det_dir = tmp_path / "detector"
     det_dir.mkdir()

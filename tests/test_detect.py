@@ -14,26 +14,14 @@ import pytest
 
 from cvpipe.io import read_json, write_json
 from cvpipe.params import load_params
-from tasks.detect import (
-    COCO80_TO_91,
-    Detections,
-    check_detector,
-    class_colour,
-    coco_map,
-    coco_results,
-    decode,
-    detect_shard,
-    detections_csv,
-    draw_detections,
-    list_inputs,
-    merge_shards,
-    nms,
-    plan_inputs,
-    postprocess,
-    split_shards,
-    summarize,
-    with_layer_threshold,
-)
+from tasks.annotate import class_colour, draw_detections
+from tasks.boxes import Detections, decode, nms, postprocess
+from tasks.detect import merge_shards
+from tasks.detect_inputs import list_inputs, plan_inputs, split_shards
+from tasks.detect_metrics import coco_map, summarize
+from tasks.detect_outputs import COCO80_TO_91, coco_results, detections_csv
+from tasks.detect_shard import detect_shard
+from tasks.predictor import check_detector, with_layer_threshold
 from tests.conftest import DEFAULT_PARAMS, ROOT, write_params
 
 CAT, PERSON = 15, 0  # Darknet coco.names indices
@@ -467,7 +455,7 @@ def test_dask_cluster_gives_the_same_detections_and_map(threads_run, detector_di
 
 
 def test_summary_counts():
-    from tasks.detect import ShardResult
+    from tasks.detect_shard import ShardResult
 
     recs = _records()
     shards = [ShardResult(recs[:1], [], dict.fromkeys(("preprocess", "forward", "postprocess", "draw"), 1.0), 10, 12),

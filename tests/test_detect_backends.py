@@ -15,23 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.detect
+import tasks.detect_shard
+import tasks.predictor
 from bench.detect_labelled import ANNOTATIONS, BOXES, export_labelled, labelled_images
 from cvpipe.params import ParamsError, load_params
 from flows.detect import network_threads
+from tasks.boxes import decode, fit_image
 from tasks.darknet import Darknet, DarknetError, load_darknet, parse_cfg
-from tasks.detect import (
-    Predictor,
-    coco_map,
-    coco_results,
-    decode,
-    detect_shard,
-    fit_image,
-    list_inputs,
-    plan_inputs,
-    resolve_backend,
-    with_layer_threshold,
-)
+from tasks.detect_inputs import list_inputs, plan_inputs
+from tasks.detect_metrics import coco_map
+from tasks.detect_outputs import coco_results
+from tasks.detect_shard import detect_shard
+from tasks.predictor import Predictor, resolve_backend, with_layer_threshold
 from tests.conftest import DEFAULT_PARAMS
 from tests.test_detect import detector_dir, iou, scene  # noqa: F401  (session fixtures)
 
@@ -236,13 +231,13 @@ def test_full_yolov3_structure_matches_opencv(tmp_path):
 
 
 def test_backend_and_device_resolution(monkeypatch):
-    monkeypatch.setattr(tasks.detect, "cuda_available", lambda: False)
+    monkeypatch.setattr(tasks.predictor, "cuda_available", lambda: False)
     assert resolve_backend("auto", "auto") == ("opencv", "cpu")
     assert resolve_backend("torch", "auto") == ("torch", "cpu")
     assert resolve_backend("opencv", "cpu") == ("opencv", "cpu")
     with pytest.raises(ParamsError, match="no CUDA"):
         resolve_backend("torch", "cuda")
-    monkeypatch.setattr(tasks.detect, "cuda_available", lambda: True)
+    monkeypatch.setattr(tasks.predictor, "cuda_available", lambda: True)
     assert resolve_backend("auto", "auto") == ("torch", "cuda")
     assert resolve_backend("auto", "cpu") == ("opencv", "cpu")
     with pytest.raises(ParamsError, match="runs on the CPU only"):
@@ -254,9 +249,9 @@ def test_an_opencv_run_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    if tasks.detect.cuda_available():
+    if tasks.predictor.cuda_available():
         pytest.skip("a CUDA device is present: auto picks torch")
-    code = ("import sys; from tasks.detect import resolve_backend; "
+    code = ("import sys; import tasks.detect; from tasks.predictor import resolve_backend; "
             "print(resolve_backend('auto', 'auto'), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=300, check=True).stdout.split()
@@ -328,8 +323,8 @@ def test_a_failing_network_stops_the_reader_and_writer(detector_dir, tmp_path, m
             raise RuntimeError("network lost")
         return real(det, blob)
 
-    real = tasks.detect.forward
-    monkeypatch.setattr(tasks.detect, "forward", fails_on_second)
+    real = tasks.predictor.forward
+    monkeypatch.setattr(tasks.predictor, "forward", fails_on_second)
     (tmp_path / "out").mkdir()
     with pytest.raises(RuntimeError, match="network lost"):
         detect_shard(plan_inputs(sorted(src.iterdir())), detector_dir, detect_params(batch_size=2),
@@ -348,8 +343,8 @@ def test_a_second_backend_overrides_only_inference(detector_dir, tmp_path, monke
             rows[:, 0, 5 + 15] = 0.9
             return [rows]
 
-    real = tasks.detect.load_predictor
-    monkeypatch.setattr(tasks.detect, "load_predictor",
+    real = tasks.predictor.load_predictor
+    monkeypatch.setattr(tasks.detect_shard, "load_predictor",
                         lambda d, dp, device: Fixed(real(d, dp, device).classes, dp, None))
     cv2.imwrite(str(tmp_path / "wide.png"), np.zeros((208, 832, 3), np.uint8))  # letterbox: 416 x 104 at y 156
     (rec,) = detect_shard(plan_inputs([tmp_path / "wide.png"]), detector_dir, detect_params(resize="letterbox")).records

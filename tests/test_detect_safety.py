@@ -22,19 +22,14 @@ import numpy as np
 import pytest
 import yaml
 
-import tasks.detect
+import tasks.detect_outputs
+import tasks.detect_shard
+import tasks.predictor
 from cvpipe.params import Params, apply_overrides, load_params
-from tasks.detect import (
-    DiskFull,
-    OutputConflict,
-    collect,
-    detect_shard,
-    list_inputs,
-    plan,
-    plan_inputs,
-    recover_outputs,
-    staged_outputs,
-)
+from tasks.detect import collect, plan
+from tasks.detect_inputs import list_inputs, plan_inputs
+from tasks.detect_shard import detect_shard
+from tasks.detect_staging import DiskFull, OutputConflict, recover_outputs, staged_outputs
 
 from tests.conftest import DEFAULT_PARAMS, ROOT
 GB = 1 << 30
@@ -179,13 +174,16 @@ def test_a_run_replaces_the_whole_set_and_keeps_dvc_gitignore(previous, tmp_path
     assert siblings(out) == []
 
 
-@pytest.mark.parametrize("writer", ["write_json", "atomic_write_bytes"])
-def test_disk_full_leaves_the_previous_set_byte_identical(previous, tmp_path, detector_dir, monkeypatch, writer):
+@pytest.mark.parametrize("module, writer", [(tasks.detect_outputs, "write_json"),
+                                            (tasks.detect_shard, "atomic_write_bytes")],
+                         ids=["write_json", "atomic_write_bytes"])
+def test_disk_full_leaves_the_previous_set_byte_identical(previous, tmp_path, detector_dir, monkeypatch, module,
+                                                          writer):
     """ENOSPC on the second call of the writer: failures.json (after detections.jsonl,
     coco_results.json and detections.csv were written), or the second annotated image."""
     out = previous.paths.detect
     before = snapshot(out)
-    real, calls = getattr(tasks.detect, writer), []
+    real, calls = getattr(module, writer), []
 
     def fill_up(path, data):
         calls.append(path)
@@ -193,7 +191,7 @@ def test_disk_full_leaves_the_previous_set_byte_identical(previous, tmp_path, de
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(tasks.detect, writer, fill_up)
+    monkeypatch.setattr(module, writer, fill_up)
     for i in range(3):
         write_photo(tmp_path / "new" / f"n{i}.jpg", seed=10 + i)
     p = make_params(tmp_path, detector_dir, {"detect.input": str(tmp_path / "new"), "detect.shards": 1})
@@ -215,7 +213,7 @@ def test_a_failed_batch_or_a_late_foreign_file_leaves_the_previous_set(previous,
         raise RuntimeError("worker lost")
 
     with monkeypatch.context() as m:
-        m.setattr(tasks.detect, "forward", lost)
+        m.setattr(tasks.predictor, "forward", lost)
         with pytest.raises(RuntimeError, match="worker lost"):
             run_stage(p)
     assert snapshot(out) == before and siblings(out) == []
@@ -261,7 +259,8 @@ RSS_PROBE = """
 import json, re, sys
 from pathlib import Path
 from cvpipe.params import load_params
-from tasks.detect import detect_shard, plan_inputs
+from tasks.detect_inputs import plan_inputs
+from tasks.detect_shard import detect_shard
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
