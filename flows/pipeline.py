@@ -21,9 +21,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc_sync import DvcSync
 from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
+from flows.dvc_sync import DvcSync
 
 _TRAIN_SLOTS: dict[str, threading.Semaphore] = {}
 

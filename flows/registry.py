@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from cvpipe.params import Params
 
 log = logging.getLogger(__name__)

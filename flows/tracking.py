@@ -7,17 +7,15 @@ logging is safe from Prefect's worker threads.
 Failure modes handled here: a tracking server that does not answer is one clear error
 within seconds (:func:`check_tracking`), not MLflow's twenty minutes of retries; runs left
 RUNNING by a killed process are marked KILLED when the next stage starts (each run is
-tagged with its owner's host and pid: :mod:`flows.run_owners`); and a project never writes its artifacts into
+tagged with its owner's host and pid: :mod:`flows.run_tags`); and a project never writes its artifacts into
 the folder of another clone that shares its tracking store.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import ssl
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,14 @@ from urllib.parse import unquote, urlparse
 
 from cvpipe.errors import UserError
 from cvpipe.params import Params
-from flows.run_owners import owner_tags, reap_stale_runs
+from flows.run_tags import (
+    current_extra_tags,
+    dvc_tags,
+    owner_tags,
+    reap_stale_runs,
+    source_tags,
+)
 
-#: Tags every run opened in this context carries besides its own (a sweep's id): see :func:`run_tags`.
-_EXTRA_TAGS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("cvpipe_run_tags", default={})
-# DVC sets these while `dvc exp run` executes a stage; recording them lets both tools name the same run.
-DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev", "DVC_ROOT": "dvc.root"}
 # MLflow's HTTP defaults (7 retries with backoff, 120 s timeouts) turn an unreachable server into a
 # twenty-minute hang; these apply unless the user set the variables.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -259,33 +259,6 @@ class StageRun:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
 
-def source_tags(stage: str, root: Path | None = None) -> dict[str, str]:
-    """MLflow's source tags, which fill the UI's Source column and a run's Git commit.
-
-    The source is the stage's flow file; the commit is that of the git checkout holding ``root``
-    (the working directory by default) and is left out outside a checkout or without git.
-    """
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"flows/{stage}.py"}
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path.cwd(), capture_output=True, text=True,
-                           timeout=10, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return tags
-    if r.returncode == 0 and r.stdout.strip():
-        tags["mlflow.source.git.commit"] = r.stdout.strip()
-    return tags
-
-
-@contextlib.contextmanager
-def run_tags(tags: Mapping[str, Any]) -> Iterator[None]:
-    """Add ``tags`` to every MLflow run :func:`stage_run` opens inside this block (this thread)."""
-    token = _EXTRA_TAGS.set({**_EXTRA_TAGS.get(), **{k: str(v) for k, v in tags.items()}})
-    try:
-        yield
-    finally:
-        _EXTRA_TAGS.reset(token)
-
-
 @contextlib.contextmanager
 def stage_run(p: Params, stage: str, run_name: str | None = None,
               tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
@@ -297,8 +270,8 @@ def stage_run(p: Params, stage: str, run_name: str | None = None,
     client, exp_id = configure(p)
     reap_stale_runs(client, exp_id)
     all_tags = {"stage": stage, "mlflow.runName": run_name or stage, **source_tags(stage), **owner_tags()}
-    all_tags.update({t: os.environ[e] for e, t in DVC_ENV_TAGS.items() if os.environ.get(e)})
-    all_tags.update(_EXTRA_TAGS.get())
+    all_tags.update(dvc_tags())
+    all_tags.update(current_extra_tags())
     all_tags.update(tags or {})
     run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name or stage)
     sr = StageRun(client, run.info.run_id)
