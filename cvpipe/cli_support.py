@@ -164,6 +164,7 @@ def profile_overrides(name: str) -> dict[str, Any]:
 
 
 def where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
+    from cvpipe import layout
     from cvpipe.params import load_params
     from flows.tracking import tracking_uri, ui_runs_url
 
@@ -181,8 +182,8 @@ def where_to_look(params: Path, prefect_api_url: str | None = None) -> None:
         typer.echo(f"  MLflow UI:       {bin_dir}/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         typer.echo(f"                   then open {ui_runs_url(p, 'http://127.0.0.1:5000')}")
     typer.echo(f"  metrics:         dvc metrics show   (files under {p.paths.evaluate}/ and {p.paths.detect}/)")
-    typer.echo(f"  curves:          dvc plots show     ({p.paths.evaluate}/accuracy.png)")
-    typer.echo(f"  detections:      {p.paths.detect}/images/ and {p.paths.detect}/detections.jsonl")
+    typer.echo(f"  curves:          dvc plots show     ({p.paths.evaluate / layout.ACCURACY_PLOT})")
+    typer.echo(f"  detections:      {p.paths.detect / layout.ANNOTATED_DIR}/ and {p.paths.detect / layout.DETECTIONS}")
     typer.echo("  compare runs:    cvpipe compare")
 
 

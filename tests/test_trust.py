@@ -3,7 +3,7 @@
 tags are written with the version, an unreachable server fails in seconds, and two clones sharing a
 store never mix their artifacts.
 
-The model is trained on the tiny generated data of ``test_train`` (feature extractor, CPU), logged
+The model is trained on the tiny generated data of ``tests/helpers.py`` (feature extractor, CPU), logged
 by the train flow's own logging function and registered by ``register_best`` into a temporary
 sqlite store, as the pipeline does.
 """
@@ -28,10 +28,10 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, write_params
-from test_train import TINY_CLASSES, tiny_images, tiny_project
 
 from cvpipe.errors import user_facing
 from cvpipe.params import load_params
+from tests.helpers import TINY_CLASSES, tiny_images, tiny_project
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 MODE = "feature_extractor"
@@ -61,8 +61,8 @@ def project(tmp_path_factory):
 
     from flows.registry import logged_model_id, register_best
     from flows.tracking import stage_run, tracking_uri
-    from flows.train import log_model
-    from tasks.train import train, write_run_id
+    from flows.train import log_model, write_run_id
+    from tasks.train import train
 
     tmp = tmp_path_factory.mktemp("trust")
     p = tiny_project(tmp, {"train.epochs": 10, "train.lr": 0.01, "train.modes": [MODE]})
@@ -113,9 +113,10 @@ def test_logged_model_is_data_only_and_predicts_like_training(project):
     import mlflow.models
     import mlflow.pyfunc
 
+    from cvpipe.layout import MODEL
     from cvpipe.model_flavor import load_classifier_data, softmax
     from cvpipe.predict import predict
-    from tasks.train import MODEL, load_classifier
+    from tasks.checkpoints import load_classifier
 
     model_dir, p = project["model_dir"], project["p"]
     files = sorted(f.relative_to(model_dir).as_posix() for f in model_dir.rglob("*") if f.is_file())
@@ -286,10 +287,11 @@ def test_a_model_of_the_old_format_is_refused_unless_trusted(project):
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
+    from cvpipe.layout import MODEL
     from cvpipe.model_flavor import UntrustedModel
     from cvpipe.predict import predict
     from flows.tracking import stage_run, tracking_uri
-    from tasks.train import MODEL, load_classifier
+    from tasks.checkpoints import load_classifier
 
     p = project["p"]
     clf = load_classifier(p.paths.train / MODE / MODEL)
@@ -374,7 +376,7 @@ OPEN_RUN = textwrap.dedent("""
 def test_runs_of_killed_processes_are_marked_killed_at_the_next_stage(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.run_owners import HOST_TAG, PID_TAG
+    from flows.run_tags import HOST_TAG, PID_TAG
     from flows.tracking import configure, stage_run, tracking_uri
 
     params = write_params(tmp_path)
@@ -407,7 +409,7 @@ def test_runs_of_killed_processes_are_marked_killed_at_the_next_stage(tmp_path):
 
 
 def test_owner_alive_tells_a_reused_pid_apart():
-    from flows.run_owners import PID_START_TAG, PID_TAG, owner_alive, owner_tags
+    from flows.run_tags import PID_START_TAG, PID_TAG, owner_alive, owner_tags
 
     tags = owner_tags()
     assert owner_alive(tags)
