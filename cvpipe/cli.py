@@ -196,7 +196,7 @@ def sweep(
     One Prefect flow `sweep` with a task per backbone (see flows/sweep.py). Each backbone and mode is
     an MLflow run `train-<mode>` tagged sweep=<id>, with test accuracy, parameters, images/s,
     latency per image and model size; a `sweep-<id>` run holds the comparison table. Outputs go
-    under <paths.train>/sweep/, so the main pipeline's outputs are untouched. --set applies to
+    under <paths.sweep>, so the main pipeline's outputs are untouched. --set applies to
     every backbone. Evaluate registers each backbone's best model.
 
     The same comparison as DVC experiments (each a full `dvc repro` with its own parameters):

@@ -44,6 +44,7 @@ class Paths(_Strict):
     evaluate: Path
     detect: Path
     compare: Path
+    sweep: Path
 
     def outputs(self) -> dict[str, Path]:
         """Every path field (all of them are written by some stage)."""

@@ -6,8 +6,8 @@
 Each backbone is one task that runs the stage flows with that backbone (the data are prepared once
 and shared); each of its training modes is an MLflow run ``train-<mode>`` tagged ``sweep=<id>``, and
 evaluate registers each backbone's best model. A ``sweep`` MLflow run records the backbones, each
-one's test accuracy per mode and the comparison table. Outputs go under ``<paths.train>/sweep/``,
-so the main pipeline's outputs are untouched.
+one's test accuracy per mode and the comparison table. Outputs go under ``<paths.sweep>``
+(outputs/sweep), so the main pipeline's outputs, and what DVC tracks, are untouched.
 
 The same comparison through DVC, one experiment per backbone: ``dvc exp run --queue -S
 train.backbone=<name>`` for each, then ``dvc exp run --run-all`` (README, "Comparing backbones").
@@ -27,14 +27,13 @@ from cvpipe.params import Params, load_params
 from flows.run_tags import extra_tags
 from flows.tracking import stage_run
 
-SWEEP_DIR = "sweep"
 TABLE = "sweep.csv"
 
 
 def backbone_overrides(base: Params, overrides: dict[str, Any], backbones: list[str]) -> dict[str, dict[str, Any]]:
     """The overrides of each backbone's runs: its own weights, train and evaluate folders under
-    ``<paths.train>/sweep/<backbone>/``; processed data and the feature cache shared by all."""
-    root = base.paths.train / SWEEP_DIR
+    ``<paths.sweep>/<backbone>/``; processed data and the feature cache shared by all."""
+    root = base.paths.sweep
     shared = {**overrides, "paths.processed": str(root / "processed"), "paths.features": str(root / "features")}
     return {b: {**shared, "train.backbone": b, "paths.backbone": str(root / b / "weights"),
                 "paths.train": str(root / b / "train"), "paths.evaluate": str(root / b / "evaluate")}
@@ -94,7 +93,7 @@ def sweep_flow(backbones: list[str], params_file: str = "params.yaml",
     for i, (b, ov) in enumerate(per_backbone.items()):
         print(f"sweep {sweep_id}: {b} ({i + 1}/{len(backbones)})")
         results.append(sweep_backbone(params_file, b, ov, modes, prepare_data=i == 0, sweep_id=sweep_id))
-    root = base.paths.train / SWEEP_DIR
+    root = base.paths.sweep
     table = root / TABLE
     atomic_write_text(table, table_csv(results, modes))
     with stage_run(base, "sweep", run_name=f"sweep-{sweep_id}", tags={"sweep": sweep_id}) as run:

@@ -39,11 +39,11 @@ def test_sweep_flow_trains_each_backbone_as_a_task_and_logs_the_comparison(tmp_p
         assert set(r["test_acc"]) == set(p.train.modes)
         assert all(0.0 <= a <= 1.0 for a in r["test_acc"].values())
         for mode in p.train.modes:
-            assert (p.paths.train / "sweep" / r["backbone"] / "train" / mode / "model.pt").is_file()
+            assert (p.paths.sweep / r["backbone"] / "train" / mode / "model.pt").is_file()
     assert not any((p.paths.train / m).exists() for m in p.train.modes)
 
     # The comparison table holds what the tasks returned.
-    rows = list(csv.DictReader(io.StringIO((p.paths.train / "sweep" / "sweep.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((p.paths.sweep / "sweep.csv").read_text())))
     assert [r["backbone"] for r in rows] == BACKBONES
     for row, r in zip(rows, out["results"]):
         for mode, acc in r["test_acc"].items():
@@ -82,4 +82,4 @@ def test_sweep_refuses_an_unknown_backbone_before_training(tmp_path, prefect_ser
     params = write_params(tmp_path, {"train.weights": "none"})
     with pytest.raises(ParamsError, match="backbone"):
         sweep_flow(["resnet18", "resnet19"], params_file=str(params))
-    assert not (load_params(params).paths.train / "sweep").exists()
+    assert not (load_params(params).paths.sweep).exists()
