@@ -17,7 +17,9 @@ import torch
 
 from cvpipe.params import TrainParams
 from tasks.backbones import build_model, freeze, get_backbone
-from tasks.train import Runtime, epoch_generator, extract_features, image_transforms, train_one_epoch
+from tasks.engine import epoch_generator, extract_features, train_one_epoch
+from tasks.runtime import Runtime
+from tasks.transforms import image_transforms
 
 BACKBONE = "resnet18"
 SEED_EPOCHS, SEED_TRAIN, SEED_TEST = 5, 50_000, 10_000

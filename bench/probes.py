@@ -32,7 +32,9 @@ def memory(n: int, steps: int, batch_size: int, image_size: int, weights: str | 
     import torch
 
     from tasks.backbones import build_model, freeze, get_backbone, set_bn_momentum
-    from tasks.train import Runtime, epoch_generator, image_transforms, train_one_epoch
+    from tasks.engine import epoch_generator, train_one_epoch
+    from tasks.runtime import Runtime
+    from tasks.transforms import image_transforms
     from cvpipe.params import load_params
 
     base = rss_mb()

@@ -54,6 +54,7 @@ def register_model(work: Path, weights: Path, image_size: int, example: np.ndarr
     from cvpipe.params import load_params
     from flows.tracking import configure
     from tasks.backbones import ImageClassifier, build_model
+    from tasks.export import Classifier, make_card, save_classifier_data
 
     work.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -63,15 +64,15 @@ def register_model(work: Path, weights: Path, image_size: int, example: np.ndarr
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     p = load_params(params)
     classes = [str(i) for i in range(10)]
-    card = model_flavor.make_card(backbone="efficientnet_lite0", mode="feature_extractor", classes=classes,
-                                  channels=1, input_size=example.shape[2:], image_size=image_size,
-                                  mean=list(p.train.mean), std=list(p.train.std), interpolation=p.train.interpolation)
+    card = make_card(backbone="efficientnet_lite0", mode="feature_extractor", classes=classes,
+                     channels=1, input_size=example.shape[2:], image_size=image_size,
+                     mean=list(p.train.mean), std=list(p.train.std), interpolation=p.train.interpolation)
     net = build_model("efficientnet_lite0", len(classes), weights)
-    clf = model_flavor.Classifier(card, ImageClassifier(net, image_size, card["mean"], card["std"], classes,
-                                                        card["interpolation"]))
+    clf = Classifier(card, ImageClassifier(net, image_size, card["mean"], card["std"], classes,
+                                           card["interpolation"]))
     client, _ = configure(p)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run():
-        data = model_flavor.save_classifier_data(clf, Path(tmp) / model_flavor.DATA_DIR)
+        data = save_classifier_data(clf, Path(tmp) / model_flavor.DATA_DIR)
         info = mlflow.pyfunc.log_model(name="model", loader_module=model_flavor.LOADER_MODULE, data_path=str(data),
                                        signature=model_flavor.signature(), input_example=example)
     mv = mlflow.register_model(info.model_uri, p.mlflow.registered_model)

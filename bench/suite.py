@@ -23,15 +23,18 @@ import numpy as np
 import torch
 
 from cvpipe.io import load_npz
+from cvpipe.layout import AMP_CHOICE
 from cvpipe.params import Params, load_params
-from tasks.amp import CACHE_FILE as AMP_CACHE, choose_amp, cpu_info, model_step_timer
+from tasks.amp import choose_amp, cpu_info, model_step_timer
 from tasks.backbones import build_model, forward_features, freeze, get_backbone, get_head, set_bn_momentum, \
     set_train_mode
 from bench.detect_speed import build_variants, measure, ratios
 from tasks.download import download_backbone, download_detector, export_digits, export_samples
 from tasks.preprocess import stratified_split
-from tasks.train import Runtime, _identity, cached_features, epoch_generator, evaluate, \
-    image_transforms, train_one_epoch
+from tasks.engine import epoch_generator, evaluate, train_one_epoch
+from tasks.features import cached_features
+from tasks.runtime import Runtime
+from tasks.transforms import identity, image_transforms
 
 from bench.gpu import gpu_throughput
 from bench.seed_loops import seed_accuracy, seed_loader, seed_train, seed_transforms
@@ -176,10 +179,10 @@ def _ours_fe(sizes: Sizes, inp: Inputs, rt: Runtime) -> dict[str, float]:
     opt = torch.optim.Adam(head.parameters(), lr=tp.lr)
     t1 = time.perf_counter()
     for epoch in range(1, sizes.epochs + 1):
-        train_one_epoch(head, opt, f_train, y_train, batch_size=sizes.batch_size, transform=_identity,
+        train_one_epoch(head, opt, f_train, y_train, batch_size=sizes.batch_size, transform=identity,
                         generator=epoch_generator(inp.params.seed, epoch), rt=head_rt, desc="head")
     t_head = time.perf_counter() - t1
-    test = evaluate(head, f_test, y_test, batch_size=sizes.batch_size, transform=_identity, rt=head_rt)
+    test = evaluate(head, f_test, y_test, batch_size=sizes.batch_size, transform=identity, rt=head_rt)
     return {"seconds": t_feats + t_head + test["seconds"], "feature_seconds": t_feats, "head_seconds": t_head,
             "feature_images_per_s": meta["images_per_s"], "acc": test["acc"]}
 
@@ -221,7 +224,7 @@ def _ours_runtime(inp: Inputs, sizes: Sizes, kind: str, batch_size: int) -> tupl
     fields = {"backbone": BACKBONE, "image_size": sizes.image_size, "batch_size": batch_size, "kind": kind,
               "channels_last": True, "freeze_stages": tp.freeze_stages if kind == "train" else None}
     spec = get_backbone(BACKBONE)
-    choice = choose_amp(tp.amp, inp.device, inp.work / AMP_CACHE, fields,
+    choice = choose_amp(tp.amp, inp.device, inp.work / AMP_CHOICE, fields,
                         lambda: model_step_timer(model, kind, batch_size, sizes.image_size, True, inp.device,
                                                  lambda m, x: forward_features(m, spec, x)))
     return Runtime(inp.device, choice.dtype, True), choice.as_dict()

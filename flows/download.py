@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 
 from cvpipe.params import load_params
-from cvpipe.tracking import stage_run
-from tasks.download import download_task
+from flows.tracking import stage_run
+from tasks.download import download
+
+download_task = task(download, name="download", retries=0)
 
 
 @flow(name="download", flow_run_name="download", log_prints=True)

@@ -7,14 +7,19 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
+from cvpipe.layout import ACCURACY_PLOT, EVAL_METRICS, PER_CLASS, confusion_file
 from cvpipe.params import Params, load_params
-from cvpipe.registry import register_best
-from cvpipe.tracking import StageRun, configure, reap_stale_runs, stage_run
-from tasks.evaluate import ACCURACY_PLOT, METRICS, PER_CLASS, evaluate_task, model_run_id
+from flows.registry import register_best
+from flows.run_tags import reap_stale_runs
+from flows.tracking import StageRun, configure, stage_run
+from tasks.evaluate import evaluate, model_run_id
 
 log = logging.getLogger(__name__)
+
+evaluate_task = task(evaluate, name="evaluate", cache_policy=NO_CACHE)
 
 
 @contextlib.contextmanager
@@ -54,7 +59,7 @@ def evaluate_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | 
             # bar chart per class would bury the training curves on the run page).
             run.log_metrics({"test_acc": m["test_acc"], "test_loss": m["test_loss"]})
             run.set_tags({"evaluated": "true"})
-            for name in (f"confusion_{mode}.png", f"confusion_{mode}.json", ACCURACY_PLOT, METRICS, PER_CLASS):
+            for name in (confusion_file(mode), confusion_file(mode, "json"), ACCURACY_PLOT, EVAL_METRICS, PER_CLASS):
                 run.log_artifact(out / name, "evaluate")
     trained = {m: r for m, r in run_ids.items() if r == model_run_id(p, m)}
     if trained:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 
+from cvpipe.layout import CARD
 from cvpipe.params import load_params
-from cvpipe.tracking import stage_run
-from tasks.preprocess import CARD, preprocess_task
+from flows.tracking import stage_run
+from tasks.preprocess import preprocess
+
+preprocess_task = task(preprocess, name="preprocess")
 
 
 @flow(name="preprocess", flow_run_name="preprocess", log_prints=True)

@@ -6,18 +6,23 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from cvpipe.io import read_json
+from cvpipe.io import read_json, write_json
+from cvpipe.layout import CARD, HISTORY, RUN, TRAIN_METRICS
 from cvpipe.params import Params, load_params
-from cvpipe.registry import logged_model_name
-from cvpipe.tracking import StageRun, stage_run
-from tasks.train import EPOCH_KEYS, HISTORY, METRICS, model_costs, model_for_logging, train_task, write_run_id
+from flows.registry import logged_model_name
+from flows.tracking import StageRun, stage_run
+from tasks.export import exported_model, save_classifier_data
+from tasks.train import EPOCH_KEYS, model_costs, train
 
 # Packages the logged model's loader needs besides cvpipe itself (pinned, so MLflow need not infer them).
 # cvpipe is not listed: the model is served from the project's environment (`--env-manager local`).
 EPOCH_SECTION = "epoch"  # MLflow metric keys of the per-epoch curves: epoch/train_loss, ...
 MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "opencv-python-headless", "efficientnet-lite-pytorch")
+
+train_task = task(train, name="train", cache_policy=NO_CACHE)
 
 
 def log_model(run: StageRun, p: Params, mode: str) -> None:
@@ -31,13 +36,18 @@ def log_model(run: StageRun, p: Params, mode: str) -> None:
 
     from cvpipe import model_flavor
 
-    clf, example, output = model_for_logging(p, mode)
+    clf, example, output = exported_model(p, mode)
     with tempfile.TemporaryDirectory(prefix="cvpipe-model-") as tmp, mlflow.start_run(run_id=run.run_id):
-        data = model_flavor.save_classifier_data(clf, Path(tmp) / model_flavor.DATA_DIR)
+        data = save_classifier_data(clf, Path(tmp) / model_flavor.DATA_DIR)
         mlflow.pyfunc.log_model(
             name=logged_model_name(mode), loader_module=model_flavor.LOADER_MODULE, data_path=str(data),
             signature=model_flavor.signature(example, output), input_example=example,
             pip_requirements=[f"{r}=={version(r).split('+')[0]}" for r in MODEL_REQUIREMENTS])
+
+
+def write_run_id(p: Params, mode: str, run_id: str) -> None:
+    """Record the MLflow run of a mode's model (``run.json``), so ``evaluate`` logs into the same run."""
+    write_json(p.paths.train / mode / RUN, {"run_id": run_id})
 
 
 def weights_label(weights: str) -> str:
@@ -61,10 +71,10 @@ def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | Non
         run.set_tags({"backbone": p.train.backbone, "weights": p.train.weights, "device": metrics["device"],
                       "weights_label": weights_label(p.train.weights),
                       "amp": metrics["amp"],
-                      "data_hash": read_json(p.paths.processed / "card.json")["data_hash"]})
+                      "data_hash": read_json(p.paths.processed / CARD)["data_hash"]})
         out = p.paths.train / mode
         run.log_artifact(out / HISTORY)
-        run.log_artifact(out / METRICS)
+        run.log_artifact(out / TRAIN_METRICS)
         log_model(run, p, mode)
         write_run_id(p, mode, run.run_id)
     return metrics

@@ -32,7 +32,6 @@ from cvpipe.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "amp_choice.json"
 #: bf16 must be at least this much faster (per step) to be chosen: on a tie fp32 keeps its precision.
 MARGIN = 0.05
 #: CPU flags that decide whether bf16 can be native at all, and that make a probe's result specific.

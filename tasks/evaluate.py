@@ -14,16 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from cvpipe.io import atomic_path, read_json, write_json
+from cvpipe.layout import ACCURACY_PLOT, EVAL_METRICS, HISTORY, MODEL, PER_CLASS, RUN, confusion_file
 from cvpipe.params import Params
+from tasks.checkpoints import load_classifier
+from tasks.engine import evaluate as evaluate_model
 from tasks.preprocess import load_split
-from tasks.train import HISTORY, MODEL, RUN, Runtime, load_classifier, make_runtime, prepare_batch
-from tasks.train import evaluate as evaluate_model
-
-METRICS, PER_CLASS, ACCURACY_PLOT = "metrics.json", "per_class.json", "accuracy.png"
+from tasks.runtime import Runtime, make_runtime
+from tasks.transforms import prepare_batch
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -146,17 +145,15 @@ def evaluate(p: Params) -> dict[str, dict[str, Any]]:
         classes, cm = res["classes"], res["confusion"]
         metrics[mode] = {"test_acc": res["test_acc"], "test_loss": res["test_loss"], "n_test": int(len(y)),
                          "per_class_acc": res["per_class_acc"]}
-        write_json(out / f"confusion_{mode}.json", {
+        write_json(out / confusion_file(mode, "json"), {
             "predictions": [{"actual": classes[t], "predicted": classes[q]} for t, q in zip(y, res["pred"])],
             "classes": classes, "matrix": cm.tolist()})
         _save_figure(plot_confusion(cm, classes, f"{mode}: test accuracy {res['test_acc']:.4f}"),
-                     out / f"confusion_{mode}.png")
+                     out / confusion_file(mode))
         print(f"evaluate {mode}: test accuracy {res['test_acc']:.4f} on {len(y)} images")
     histories = {m: read_json(p.paths.train / m / HISTORY) for m in modes}
     _save_figure(plot_accuracy(histories), out / ACCURACY_PLOT)
-    write_json(out / METRICS, {m: {k: v for k, v in r.items() if k != "per_class_acc"} for m, r in metrics.items()})
+    write_json(out / EVAL_METRICS,
+               {m: {k: v for k, v in r.items() if k != "per_class_acc"} for m, r in metrics.items()})
     write_json(out / PER_CLASS, {m: r["per_class_acc"] for m, r in metrics.items()})
     return metrics
-
-
-evaluate_task = task(evaluate, name="evaluate", cache_policy=NO_CACHE)

@@ -14,20 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from cvpipe.errors import UserError
 from cvpipe.io import array_hash, load_npz, save_npz, write_json
+from cvpipe.layout import CARD, CIFAR10_ARCHIVE, DIGITS_FILE, SPLITS, split_file
 from cvpipe.params import Params
-from tasks.download import CIFAR10_ARCHIVE, DIGITS_FILE
 # The image reader lives in a module of its own (no Prefect or scikit-learn: predict and serving
 # import it quickly); stages import it from here.
 from tasks.images import MAX_PIXELS, decode_image, header_pixels, read_image  # noqa: F401
 
-SPLITS = ("train", "val", "test")
-CARD = "card.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 CIFAR10_RECORD = 1 + 3 * 32 * 32
@@ -287,13 +284,13 @@ def write_dataset(ds: Dataset, card: dict, out_dir: Path) -> None:
     """Write one .npz per split and the card, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for s, (x, y) in ds.splits.items():
-        save_npz(out_dir / f"{s}.npz", x=x, y=y)
+        save_npz(out_dir / split_file(s), x=x, y=y)
     write_json(out_dir / CARD, card)
 
 
 def load_split(processed: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Load one split written by :func:`write_dataset` (pickle disabled)."""
-    d = load_npz(processed / f"{split}.npz")
+    d = load_npz(processed / split_file(split))
     return d["x"], d["y"]
 
 
@@ -306,6 +303,3 @@ def preprocess(p: Params) -> dict:
     card = dataset_card(ds, p.data.dataset)
     write_dataset(ds, card, p.paths.processed)
     return card
-
-
-preprocess_task = task(preprocess, name="preprocess")

@@ -145,7 +145,7 @@ def _evil_pickle(path: Path) -> None:
 
 
 def test_pickled_model_file_is_one_line_naming_it(tmp_path, capsys):
-    from tasks.train import load_classifier
+    from tasks.checkpoints import load_classifier
 
     model = tmp_path / "model.pt"
     _evil_pickle(model)
@@ -177,7 +177,7 @@ def test_pickled_backbone_weights_are_one_line(tmp_path, capsys):
 def test_model_file_that_is_not_a_model_is_one_line(tmp_path, capsys):
     import torch
 
-    from tasks.train import load_classifier
+    from tasks.checkpoints import load_classifier
 
     model = tmp_path / "model.pt"
     torch.save({"weight": torch.zeros(3)}, model)
@@ -193,7 +193,7 @@ def test_model_file_that_is_not_a_model_is_one_line(tmp_path, capsys):
 def test_cuda_without_cuda_is_one_line(monkeypatch, capsys):
     import torch
 
-    from tasks.train import DeviceUnavailable, resolve_device
+    from tasks.runtime import DeviceUnavailable, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceUnavailable, match="no CUDA device") as info:

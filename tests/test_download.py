@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cvpipe import layout
 from cvpipe.io import ChecksumError, file_hash, safe_extract
 from cvpipe.params import load_params
 from tasks import download as dl
@@ -28,9 +29,9 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_cifar10_binary_archive_downloads_verifies_and_parses(tmp_path, http_root):
     root, base = http_root
-    tx, ty, vx, vy = make_cifar10_archive(root / dl.CIFAR10_ARCHIVE)
-    md5 = hashlib.md5((root / dl.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
-    p = _params(tmp_path, **{"data.dataset": "cifar10", "download.cifar10_url": f"{base}/{dl.CIFAR10_ARCHIVE}",
+    tx, ty, vx, vy = make_cifar10_archive(root / layout.CIFAR10_ARCHIVE)
+    md5 = hashlib.md5((root / layout.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
+    p = _params(tmp_path, **{"data.dataset": "cifar10", "download.cifar10_url": f"{base}/{layout.CIFAR10_ARCHIVE}",
                              "download.cifar10_md5": md5})
     path = dl.download_cifar10(p.paths.raw, p.download)
     assert file_hash(path, "md5") == md5
@@ -42,18 +43,18 @@ def test_cifar10_binary_archive_downloads_verifies_and_parses(tmp_path, http_roo
     np.testing.assert_array_equal(y2, vy)
     assert classes[3] == "cat" and len(classes) == 10
     # Present and valid: no network needed the second time.
-    (root / dl.CIFAR10_ARCHIVE).unlink()
+    (root / layout.CIFAR10_ARCHIVE).unlink()
     assert dl.download_cifar10(p.paths.raw, p.download) == path
 
 
 def test_corrupted_archive_fails_its_checksum_and_leaves_nothing(tmp_path, http_root):
     root, base = http_root
-    make_cifar10_archive(root / dl.CIFAR10_ARCHIVE)
-    good_md5 = hashlib.md5((root / dl.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
-    data = bytearray((root / dl.CIFAR10_ARCHIVE).read_bytes())
+    make_cifar10_archive(root / layout.CIFAR10_ARCHIVE)
+    good_md5 = hashlib.md5((root / layout.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
+    data = bytearray((root / layout.CIFAR10_ARCHIVE).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (root / dl.CIFAR10_ARCHIVE).write_bytes(bytes(data))
-    p = _params(tmp_path, **{"download.cifar10_url": f"{base}/{dl.CIFAR10_ARCHIVE}", "download.cifar10_md5": good_md5})
+    (root / layout.CIFAR10_ARCHIVE).write_bytes(bytes(data))
+    p = _params(tmp_path, **{"download.cifar10_url": f"{base}/{layout.CIFAR10_ARCHIVE}", "download.cifar10_md5": good_md5})
     with pytest.raises(dl.AssetUnavailable) as e:
         dl.download_cifar10(p.paths.raw, p.download)
     msg = str(e.value)
@@ -183,7 +184,7 @@ def test_samples_are_real_photos_and_scenes(tmp_path):
     assert np.abs(scene[y:y + h, x:x + w].astype(int) - inner).mean() < 4
     # Only the requested files remain, and the manifest records them.
     dl.export_samples(["chelsea"], tmp_path / "s")
-    assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["chelsea.jpg", dl.SAMPLES_MANIFEST]
+    assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["chelsea.jpg", layout.SAMPLES_MANIFEST]
     assert dl.read_samples_manifest(tmp_path / "s") == {"chelsea.jpg": file_hash(tmp_path / "s/chelsea.jpg")}
     with pytest.raises(ValueError, match="no photo named"):
         dl.export_samples(["no_such_photo"], tmp_path / "s")
@@ -200,12 +201,12 @@ def test_samples_in_a_user_folder_remove_only_what_the_stage_wrote(tmp_path):
     dl.export_samples(["chelsea", "rocket"], folder)
     assert {"chelsea.jpg", "rocket.jpg", *mine} <= {f.name for f in folder.iterdir()}
     dl.export_samples(["chelsea"], folder)
-    assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", dl.SAMPLES_MANIFEST, *mine])
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", layout.SAMPLES_MANIFEST, *mine])
     for name, data in mine.items():
         assert (folder / name).read_bytes() == data
     # Same list again: nothing else changes.
     dl.export_samples(["chelsea"], folder)
-    assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", dl.SAMPLES_MANIFEST, *mine])
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", layout.SAMPLES_MANIFEST, *mine])
 
 
 def test_samples_never_overwrite_or_delete_a_file_the_stage_does_not_own(tmp_path):
@@ -216,7 +217,7 @@ def test_samples_never_overwrite_or_delete_a_file_the_stage_does_not_own(tmp_pat
     with pytest.raises(dl.ForeignFile, match="chelsea.jpg"):
         dl.export_samples(["coffee", "chelsea"], folder)
     assert (folder / "chelsea.jpg").read_bytes() == b"my cat"
-    assert not (folder / "coffee.jpg").exists() and not (folder / dl.SAMPLES_MANIFEST).exists()
+    assert not (folder / "coffee.jpg").exists() and not (folder / layout.SAMPLES_MANIFEST).exists()
     (folder / "chelsea.jpg").unlink()
     # A recorded sample the user has since replaced is left in place when it is dropped.
     dl.export_samples(["coffee", "chelsea"], folder)
@@ -227,11 +228,11 @@ def test_samples_never_overwrite_or_delete_a_file_the_stage_does_not_own(tmp_pat
     # A manifest that names files outside its folder (or is not ours) is never followed.
     victim = tmp_path / "victim.jpg"
     victim.write_bytes(b"x")
-    (folder / dl.SAMPLES_MANIFEST).write_text(
+    (folder / layout.SAMPLES_MANIFEST).write_text(
         '{"written_by": "cvpipe download", "files": {"../victim.jpg": "%s"}}' % file_hash(victim))
     with pytest.raises(dl.ForeignFile, match="not a samples manifest"):
         dl.export_samples(["chelsea"], folder)
-    (folder / dl.SAMPLES_MANIFEST).write_text('{"something": "else"}')
+    (folder / layout.SAMPLES_MANIFEST).write_text('{"something": "else"}')
     with pytest.raises(dl.ForeignFile, match="not a samples manifest"):
         dl.export_samples(["chelsea"], folder)
     assert victim.read_bytes() == b"x"
@@ -245,7 +246,7 @@ def test_samples_written_by_a_killed_run_are_recorded_before_they_exist(tmp_path
     calls = []
 
     def dying_after_first(path, *a, **kw):
-        if Path(path).name != dl.SAMPLES_MANIFEST:
+        if Path(path).name != layout.SAMPLES_MANIFEST:
             calls.append(path)
             if len(calls) == 2:
                 raise KeyboardInterrupt  # stands in for the kill
@@ -258,7 +259,7 @@ def test_samples_written_by_a_killed_run_are_recorded_before_they_exist(tmp_path
     assert (folder / "astronaut.jpg").exists() and not (folder / "rocket.jpg").exists()
     assert set(dl.read_samples_manifest(folder)) == {"astronaut.jpg", "rocket.jpg"}
     dl.export_samples(["coffee"], folder)
-    assert sorted(f.name for f in folder.iterdir()) == ["coffee.jpg", dl.SAMPLES_MANIFEST]
+    assert sorted(f.name for f in folder.iterdir()) == ["coffee.jpg", layout.SAMPLES_MANIFEST]
 
 
 def test_tar_member_escaping_the_destination_is_rejected(tmp_path):

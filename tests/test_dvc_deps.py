@@ -42,7 +42,7 @@ def _stage(name: str) -> dict:
 
 def test_evaluate_declares_the_params_its_runtime_reads(tmp_path, monkeypatch):
     from tasks.evaluate import trained_modes
-    from tasks.train import make_runtime
+    from tasks.runtime import make_runtime
 
     monkeypatch.chdir(ROOT)
     seen: set[str] = set()
@@ -58,7 +58,8 @@ def test_evaluate_declares_the_params_its_runtime_reads(tmp_path, monkeypatch):
 
 def test_evaluate_depends_on_the_code_and_files_it_reads():
     deps = [d if isinstance(d, str) else next(iter(d)) for d in _stage("evaluate")["deps"]]
-    for code in ("tasks/evaluate.py", "tasks/train.py", "tasks/backbones.py"):
+    for code in ("tasks/evaluate.py", "tasks/runtime.py", "tasks/transforms.py", "tasks/engine.py",
+                 "tasks/checkpoints.py", "tasks/backbones.py"):
         assert code in deps
     for mode in ("feature_extractor", "fine_tune"):
         for name in ("model.pt", "run.json", "history.json"):

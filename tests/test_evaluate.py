@@ -10,9 +10,10 @@ import pytest
 
 from conftest import write_params
 from cvpipe.io import read_json
+from cvpipe.layout import RUN
 from cvpipe.params import load_params
 from tasks.evaluate import confusion_matrix, evaluate, per_class_accuracy, plot_accuracy, plot_confusion
-from tasks.train import RUN, train
+from tasks.train import train
 from test_train import TINY_CLASSES, tiny_images, tiny_project
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from cvpipe import layout
 from cvpipe.params import load_params
 from tasks import download as dl
 from tests.conftest import write_params
@@ -65,7 +66,7 @@ def test_dropped_download_is_retried_and_verified(tmp_path, flaky):
     path = dl.download_cifar10(p.paths.raw, p.download)
     assert handler.requests == 3
     assert path.read_bytes() == PAYLOAD
-    assert sorted(f.name for f in p.paths.raw.iterdir()) == [dl.CIFAR10_ARCHIVE]
+    assert sorted(f.name for f in p.paths.raw.iterdir()) == [layout.CIFAR10_ARCHIVE]
 
 
 def test_download_dropped_every_time_fails_clearly_without_partial_file(tmp_path, flaky):

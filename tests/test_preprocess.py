@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cvpipe import layout
 from cvpipe.io import read_json
 from cvpipe.params import load_params
 from tasks import download as dl
@@ -23,7 +24,7 @@ def test_digits_splits_are_stratified_sized_and_deterministic(tmp_path):
     assert sum(n.values()) == 1797
     assert n["test"] == int(np.ceil(1797 * p.preprocess.test_fraction))
     assert n["val"] == int(np.ceil((1797 - n["test"]) * p.preprocess.val_fraction))
-    for s in pp.SPLITS:
+    for s in layout.SPLITS:
         np.testing.assert_array_equal(ds1.splits[s][0], ds2.splits[s][0])
         np.testing.assert_array_equal(ds1.splits[s][1], ds2.splits[s][1])
         x, y = ds1.splits[s]
@@ -38,7 +39,7 @@ def test_stage_writes_arrays_and_card(tmp_path):
     p = load_params(write_params(tmp_path))
     dl.export_digits(p.paths.raw)
     card = pp.preprocess(p)
-    on_disk = read_json(p.paths.processed / pp.CARD)
+    on_disk = read_json(p.paths.processed / layout.CARD)
     assert on_disk == card
     assert card["classes"] == [str(i) for i in range(10)]
     assert card["counts"] == {"train": 1293, "val": 144, "test": 360}
@@ -52,7 +53,7 @@ def test_stage_writes_arrays_and_card(tmp_path):
 def test_cifar10_from_binary_archive(tmp_path):
     p = load_params(write_params(tmp_path, {"data.dataset": "cifar10"}))
     p.paths.raw.mkdir(parents=True)
-    tx, ty, vx, vy = make_cifar10_archive(p.paths.raw / dl.CIFAR10_ARCHIVE, per_batch=40)
+    tx, ty, vx, vy = make_cifar10_archive(p.paths.raw / layout.CIFAR10_ARCHIVE, per_batch=40)
     ds = pp.build_dataset(p)
     assert len(ds.splits["train"][1]) + len(ds.splits["val"][1]) == 200
     np.testing.assert_array_equal(ds.splits["test"][0], vx)
@@ -188,7 +189,7 @@ def test_imagefolder_too_small_for_the_splits_says_how_many_are_needed(tmp_path,
     for cls, value in (("apple", 40), ("banana", 200)):
         cv2.imwrite(str(root / cls / "extra.png"), np.full((20, 24, 3), value, np.uint8))
     ds = pp.build_dataset(p)
-    for s in pp.SPLITS:
+    for s in layout.SPLITS:
         assert set(ds.splits[s][1].tolist()) == {0, 1}, s
 
 
@@ -204,4 +205,4 @@ def test_stage_outputs_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in p.paths.processed.iterdir()}
-    assert modes == {name: "0o644" for name in ("train.npz", "val.npz", "test.npz", pp.CARD)}, modes
+    assert modes == {name: "0o644" for name in ("train.npz", "val.npz", "test.npz", layout.CARD)}, modes

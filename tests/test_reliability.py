@@ -24,8 +24,10 @@ import torch
 
 from tests.conftest import DEFAULT_PARAMS, ROOT, write_params
 from cvpipe.io import ChecksumError, CorruptFile, read_json
+from cvpipe.layout import CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
-from tasks.train import CHECKPOINT, HISTORY, METRICS, MODEL, load_classifier, train
+from tasks.checkpoints import load_classifier
+from tasks.train import train
 from test_train import tiny_project
 
 # --------------------------------------------------------------------------- kill -9 and resume
@@ -95,14 +97,14 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / METRICS).exists()
+    assert not (out / TRAIN_METRICS).exists()
     assert [r["epoch"] for r in read_json(out / HISTORY)] == [1]
     assert not _leftovers(tmp_path / "run")
 
     write_params(tmp_path / "run", {**FT, "train.resume": True})
     subprocess.run(_train_cmd(tmp_path / "run/params.yaml"), env=ENV, check=True, capture_output=True, timeout=300)
 
-    full, resumed = read_json(ref.paths.train / "fine_tune" / METRICS), read_json(out / METRICS)
+    full, resumed = read_json(ref.paths.train / "fine_tune" / TRAIN_METRICS), read_json(out / TRAIN_METRICS)
     keys = ("epochs", "best_epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_loss")
     assert {k: resumed[k] for k in keys} == {k: full[k] for k in keys}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731

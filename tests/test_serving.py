@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cvpipe.model_flavor import TOP_K, Classifier, InvalidInput, images_from_input, make_card
+from tasks.export import TOP_K, Classifier, make_card
+from tasks.inputs import InvalidInput, images_from_input
 from tests.conftest import ROOT, write_params
 
 CLASSES = ["a", "b", "c"]
@@ -173,9 +174,10 @@ def client(clf, tmp_path_factory):
 
     from cvpipe import model_flavor
     from cvpipe.serving import build_app
+    from tasks.export import save_classifier_data
 
     tmp = tmp_path_factory.mktemp("served")
-    data = model_flavor.save_classifier_data(clf, tmp / model_flavor.DATA_DIR)
+    data = save_classifier_data(clf, tmp / model_flavor.DATA_DIR)
     mlflow.pyfunc.save_model(tmp / "model", loader_module=model_flavor.LOADER_MODULE, data_path=str(data),
                              signature=model_flavor.signature(), input_example=np.zeros((1, 1, 8, 8), np.uint8))
     return TestClient(build_app(mlflow.pyfunc.load_model(str(tmp / "model"))))
@@ -239,10 +241,10 @@ def digits_registry(tmp_path_factory):
     from cvpipe.params import load_params
     from flows.registry import register_best
     from flows.tracking import stage_run
-    from flows.train import log_model
+    from flows.train import log_model, write_run_id
     from tasks.download import digit_sample, download_backbone, export_digits
     from tasks.preprocess import preprocess
-    from tasks.train import train, write_run_id
+    from tasks.train import train
 
     tmp = tmp_path_factory.mktemp("digits-served")
     mode = "feature_extractor"

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import write_params
 from cvpipe.io import read_json
+from cvpipe.layout import AMP_CHOICE, CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
 from tasks.backbones import (
     BACKBONES,
@@ -22,22 +23,11 @@ from tasks.backbones import (
 )
 from tasks.download import download_backbone
 from tasks.preprocess import dataset_card, Dataset, write_dataset
-from tasks.train import (
-    CHECKPOINT,
-    HISTORY,
-    METRICS,
-    MODEL,
-    Runtime,
-    autocast_dtype,
-    epoch_generator,
-    flip_variants,
-    load_classifier,
-    prepare_batch,
-    random_flips,
-    resolve_device,
-    train,
-    train_one_epoch,
-)
+from tasks.checkpoints import load_classifier
+from tasks.engine import epoch_generator, train_one_epoch
+from tasks.runtime import Runtime, autocast_dtype, resolve_device
+from tasks.train import train
+from tasks.transforms import flip_variants, prepare_batch, random_flips
 
 CPU = Runtime(torch.device("cpu"), None, False)
 TINY_CLASSES = ["hstripes", "vstripes", "left", "top"]
@@ -224,7 +214,7 @@ def test_fine_tune_learns_tiny_data(tmp_path):
     out = p.paths.train / "fine_tune"
     history = read_json(out / HISTORY)
     assert [r["epoch"] for r in history] == [1, 2, 3]
-    assert read_json(out / METRICS) == metrics
+    assert read_json(out / TRAIN_METRICS) == metrics
     assert metrics["val_acc"] >= 0.8  # chance is 0.25
     assert metrics["best_epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
     assert metrics["images_per_s"] > 0 and metrics["device"] == "cpu"
@@ -329,7 +319,7 @@ def test_auto_amp_is_timed_once_and_recorded(tmp_path, monkeypatch):
     first = train(p, "fine_tune")
     assert first["amp_choice"]["source"] == "probe" and first["amp"] == first["amp_choice"]["amp"]
     assert first["amp_choice"]["fp32_step_s"] > 0 and first["amp_choice"]["bf16_step_s"] > 0
-    (entry,) = read_json(p.paths.cache / "amp_choice.json").values()
+    (entry,) = read_json(p.paths.cache / AMP_CHOICE).values()
     assert entry["fields"]["kind"] == "train" and entry["amp"] == first["amp"]
     again = train(p, "fine_tune")
     assert again["amp_choice"]["source"] == "cache" and again["amp"] == first["amp"]
