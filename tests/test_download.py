@@ -16,7 +16,7 @@ from cvpipe.io import ChecksumError, file_hash, safe_extract
 from cvpipe.params import load_params
 from tasks import download as dl
 from tasks.preprocess import read_cifar10_binary
-from tests.conftest import DEFAULT_PARAMS, ROOT, make_cifar10_archive, write_params
+from tests.helpers import DEFAULT_PARAMS, make_cifar10_archive, write_params
 
 
 def _params(tmp_path, **ov):

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from cvpipe.params import load_params
 
-from tests.conftest import DEFAULT_PARAMS, ROOT
+from tests.helpers import DEFAULT_PARAMS, ROOT
 
 
 class _Recorder:

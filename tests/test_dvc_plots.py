@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from browser import Browser, needs_chromium
-from tests.conftest import ROOT
-from tests.test_dvc import _run, clone_project
+from tests.helpers import ROOT, clone_project, run_tool
 
 TEMPLATE = ROOT / ".dvc/plots/offline.html"
 LIBRARIES = {"vega": "5.33.1", "vega-lite": "5.23.0", "vega-embed": "6.29.0"}
@@ -72,7 +71,7 @@ def clone(tmp_path_factory):
 @needs_chromium
 def test_dvc_plots_show_renders_every_plot_offline(clone, tmp_path):
     repo, histories = clone
-    r = _run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    r = run_tool([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
     assert r.returncode == 0, r.stdout + r.stderr
     page = tmp_path / "plots/index.html"
     with Browser((1200, 1600)) as b:

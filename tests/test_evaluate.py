@@ -14,7 +14,7 @@ from cvpipe.layout import RUN
 from cvpipe.params import load_params
 from tasks.evaluate import confusion_matrix, evaluate, per_class_accuracy, plot_accuracy, plot_confusion
 from tasks.train import train
-from test_train import TINY_CLASSES, tiny_images, tiny_project
+from tests.helpers import TINY_CLASSES, tiny_images, tiny_project
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from browser import Browser, needs_chromium
-from test_train import tiny_project
+from tests.helpers import tiny_project
 
 pytestmark = [pytest.mark.slow, needs_chromium]
 

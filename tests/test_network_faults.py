@@ -11,7 +11,7 @@ import pytest
 from cvpipe import layout
 from cvpipe.params import load_params
 from tasks import download as dl
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 

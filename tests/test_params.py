@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cvpipe.params import ParamsError, Params, apply_overrides, load_params, write_overrides
-from tests.conftest import DEFAULT_PARAMS, ROOT
+from tests.helpers import DEFAULT_PARAMS, ROOT
 
 
 def test_repository_params_load_and_are_the_seed_experiment():
@@ -197,7 +197,7 @@ def test_huge_value_in_a_bad_key_gives_a_short_message(tmp_path):
 
 @pytest.mark.parametrize("key", ["train", "raw", "compare"])
 def test_paths_outside_the_project_are_refused_naming_the_key(tmp_path, monkeypatch, key):
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     project = tmp_path / "project"
     project.mkdir()

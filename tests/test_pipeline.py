@@ -44,7 +44,7 @@ def test_cvpipe_run_agrees_with_dvc_and_feeds_compare_registry_predict(tmp_path)
     import sys
     from pathlib import Path
 
-    from tests.test_dvc import clone_project
+    from tests.helpers import clone_project
 
     (tmp_path / "clone").mkdir()
     repo = clone_project(tmp_path / "clone")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cvpipe.prefect_server import STATE_FILE, TOKEN_VAR, read_state
-from tests.conftest import ROOT, write_params
+from tests.helpers import ROOT, write_params
 
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")
 # No PREFECT_* or CVPIPE_* from the test session: the project's own .prefect, the persistent server.
@@ -153,7 +153,7 @@ def test_dvc_repro_stages_use_the_projects_server(tmp_path):
     their runs are in its history."""
     from cvpipe.params import write_overrides
     from tasks.download import export_digits
-    from tests.test_dvc import OFFLINE, clone_project
+    from tests.helpers import OFFLINE, clone_project
 
     repo = clone_project(tmp_path)
     write_overrides(repo / "params.yaml", OFFLINE)

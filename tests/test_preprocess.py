@@ -13,7 +13,7 @@ from cvpipe.io import read_json
 from cvpipe.params import load_params
 from tasks import download as dl
 from tasks import preprocess as pp
-from tests.conftest import make_cifar10_archive, write_params
+from tests.helpers import make_cifar10_archive, write_params
 
 
 def test_digits_splits_are_stratified_sized_and_deterministic(tmp_path):

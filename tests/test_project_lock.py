@@ -21,7 +21,7 @@ import pytest
 
 from cvpipe.lock import ProjectBusy, ProjectLock, holder, lock_path
 from cvpipe.prefect_home import SERVER_APP, find_orphaned_servers
-from tests.conftest import ROOT, write_params
+from tests.helpers import ROOT, write_params
 
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CVPIPE_"))}

@@ -2,7 +2,7 @@
 reported with a reason, and concurrent DVC / MLflow use fails clearly or loses nothing.
 
 The killed training runs in a subprocess that calls :func:`tasks.train.train` directly (no
-Prefect server start-up), on the tiny generated data of ``test_train``, CPU only; the
+Prefect server start-up), on the tiny generated data of ``tests/helpers.py``, CPU only; the
 uninterrupted reference runs in the test process with the same seed and thread count.
 """
 
@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DEFAULT_PARAMS, ROOT, write_params
+from tests.helpers import DEFAULT_PARAMS, ROOT, tiny_project, write_params
 from cvpipe.io import ChecksumError, CorruptFile, read_json
 from cvpipe.layout import CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
 from tasks.checkpoints import load_classifier
 from tasks.train import train
-from test_train import tiny_project
 
 # --------------------------------------------------------------------------- kill -9 and resume
 

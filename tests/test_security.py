@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SKIP_DIRS = {".venv", ".git", ".dvc", "mlruns", "data", "models", "build", "dist", "__pycache__"}
 

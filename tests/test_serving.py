@@ -27,7 +27,7 @@ import pytest
 
 from tasks.export import TOP_K, Classifier, make_card
 from tasks.inputs import InvalidInput, images_from_input
-from tests.conftest import ROOT, write_params
+from tests.helpers import ROOT, write_params
 
 CLASSES = ["a", "b", "c"]
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")

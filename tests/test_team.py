@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_params
+from tests.helpers import ROOT, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux")]
 
@@ -174,7 +174,7 @@ METRICS = ["outputs/evaluate/metrics.json", "outputs/detect/metrics.json",
 def shared_remote(tmp_path_factory):
     """Project A runs the shrunk quickstart and pushes to an S3 server (a push cut by killing the server
     first, then a retry); project B is a ``git clone`` of A that pulls. Yields what each step printed."""
-    from tests.test_dvc import clone_project
+    from tests.helpers import clone_project
 
     tmp = tmp_path_factory.mktemp("team-dvc")
     (tmp / "logs").mkdir()
@@ -433,7 +433,7 @@ def test_dask_scheduler_and_workers_detect_as_threads_and_lose_no_image(tmp_path
 
     from cvpipe.params import load_params
     from tasks.download import download_detector
-    from tests.conftest import DEFAULT_PARAMS
+    from tests.helpers import DEFAULT_PARAMS
 
     detector = tmp_path / "detector"
     download_detector("yolov3-tiny", detector / "models", load_params(DEFAULT_PARAMS).download,

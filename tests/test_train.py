@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_params
+from tests.helpers import TINY_CLASSES, tiny_images, tiny_project, write_params
 from cvpipe.io import read_json
 from cvpipe.layout import AMP_CHOICE, CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
@@ -21,8 +21,6 @@ from tasks.backbones import (
     get_head,
     set_train_mode,
 )
-from tasks.download import download_backbone
-from tasks.preprocess import dataset_card, Dataset, write_dataset
 from tasks.checkpoints import load_classifier
 from tasks.engine import epoch_generator, train_one_epoch
 from tasks.runtime import Runtime, autocast_dtype, resolve_device
@@ -30,47 +28,6 @@ from tasks.train import train
 from tasks.transforms import flip_variants, prepare_batch, random_flips
 
 CPU = Runtime(torch.device("cpu"), None, False)
-TINY_CLASSES = ["hstripes", "vstripes", "left", "top"]
-
-
-def tiny_images(n_per_class: int, seed: int, size: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Four easy classes of noisy RGB uint8 images: horizontal / vertical stripes, bright left / top half."""
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for label in range(4):
-        base = np.zeros((size, size), dtype=np.float32)
-        if label == 0:
-            base[::2, :] = 1
-        elif label == 1:
-            base[:, ::2] = 1
-        elif label == 2:
-            base[:, : size // 2] = 1
-        else:
-            base[: size // 2, :] = 1
-        for _ in range(n_per_class):
-            level = rng.uniform(120, 220)
-            img = base * level + rng.uniform(0, 60, (3, size, size))
-            xs.append(np.clip(img, 0, 255).astype(np.uint8))
-            ys.append(label)
-    return np.stack(xs), np.array(ys, dtype=np.int64)
-
-
-def tiny_project(tmp_path: Path, overrides: dict | None = None):
-    """The repository's params shrunk into ``tmp_path`` over a tiny generated dataset; weights provided.
-
-    Defaults: efficientnet_lite0 with its offline ImageNet weights at 32 px, batch 16.
-    Returns the validated params.
-    """
-    ov = {"train.batch_size": 16, "train.epochs": 3, "train.hflip": True, "train.vflip": False}
-    ov.update(overrides or {})
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = write_params(tmp_path, ov)
-    p = load_params(path)
-    splits = {"train": tiny_images(24, 1), "val": tiny_images(8, 2), "test": tiny_images(10, 3)}
-    ds = Dataset(splits, TINY_CLASSES)
-    write_dataset(ds, dataset_card(ds, "tiny"), p.paths.processed)
-    download_backbone(p.train, p.paths.backbone, p.download)
-    return p
 
 
 def state(model_file: Path) -> dict[str, torch.Tensor]:
