@@ -19,6 +19,7 @@ import reprlib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cvpipe.backbones import NAMES as BACKBONE_NAMES
 from cvpipe.layout import MODES, Mode
 
 PARAMS_FILE = "params.yaml"
@@ -97,7 +98,7 @@ class PreprocessParams(_Strict):
 
 
 class TrainParams(_Strict):
-    backbone: Literal["alexnet", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
+    backbone: Literal[BACKBONE_NAMES]  # a name of cvpipe/backbones.py's table
     weights: str = Field(min_length=1)
     weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     modes: list[Mode] = Field(min_length=1)

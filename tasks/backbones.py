@@ -1,18 +1,16 @@
-"""Registry of classifier backbones for the ``train`` stage.
+"""The classifier backbones as torch models: building them from their entry in
+:data:`cvpipe.backbones.BACKBONES` (random initialisation, original 1000-class ImageNet head, so an
+ImageNet weights file loads strictly), finding their classifier layer, freezing their stages, and
+the model with its input pipeline (:class:`ImageClassifier`).
 
-A :class:`Backbone` knows how to build its architecture (random initialisation,
-original 1000-class ImageNet head, so an ImageNet weights file loads strictly),
-where its classifier layer is, and how its trunk splits into stages for
-``train.freeze_stages``. Adding a backbone is one entry in :data:`BACKBONES`.
-
-This module imports only torch (and the architecture's package, lazily), so a
-model pickled by MLflow can be loaded without the rest of the pipeline.
+Adding a backbone is one entry in :data:`cvpipe.backbones.BACKBONES`; nothing here names one.
+This module imports only torch (and the architecture's package, lazily), so an exported model can
+be loaded without the rest of the pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import pickle
@@ -21,95 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvpipe.backbones import BACKBONES, Backbone
 from cvpipe.errors import pickled_message
 from cvpipe.io import CorruptFile
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """How to build one architecture and where its parts are.
-
-    Attributes:
-        name: the ``train.backbone`` value.
-        build: returns the architecture with its ImageNet head, randomly initialised.
-        head: dotted path of the final ``nn.Linear`` (replaced by a new one per task).
-        stages: the trunk's stages, first to last, each a tuple of dotted module
-            paths; ``freeze_stages: k`` freezes the first k.
-        min_image_size: the smallest input side the architecture accepts (its poolings
-            shrink smaller inputs to nothing).
-    """
-
-    name: str
-    build: Callable[[], nn.Module]
-    head: str
-    stages: tuple[tuple[str, ...], ...]
-    min_image_size: int = 16
-
-
-def _torchvision(arch: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import torchvision.models as tvm
-
-        return getattr(tvm, arch)(weights=None)
-
-    return build
-
-
-def _efficientnet_lite(version: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from efficientnet_lite_pytorch import EfficientNet
-
-        # image_size=None: "same" padding computed per input, so any image_size works.
-        return EfficientNet.from_name(f"efficientnet-lite{version}", image_size=None)
-
-    return build
-
-
-def _blocks(*groups: Sequence[int]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(f"_blocks.{i}" for i in g) for g in groups)
-
-
-def _vgg_stages(batch_norm: bool) -> tuple[tuple[str, ...], ...]:
-    """VGG-16's five conv blocks (paths into ``features``, each block ends at a max pool), then
-    the two hidden ``Linear`` layers of ``classifier``."""
-    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]  # "D"
-    stages, block, i = [], [], 0
-    for v in cfg:
-        if v == "M":
-            stages.append(tuple(block))
-            block, i = [], i + 1
-        else:  # conv [, bn], relu
-            block += [f"features.{i}"] + ([f"features.{i + 1}"] if batch_norm else [])
-            i += 3 if batch_norm else 2
-    return (*stages, ("classifier.0",), ("classifier.3",))
-
-
-_RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
-# AlexNet: its five convolutions (``features``), then the two hidden Linear layers.
-_ALEXNET_STAGES = (("features.0",), ("features.3",), ("features.6",), ("features.8",), ("features.10",),
-                   ("classifier.1",), ("classifier.4",))
-
-BACKBONES: dict[str, Backbone] = {
-    b.name: b
-    for b in (
-        # The classifier of AlexNet and VGG is a Sequential: its last Linear is the head, so the
-        # features are the 4096 outputs of the last hidden layer (after ReLU, before the head).
-        Backbone("alexnet", _torchvision("alexnet"), "classifier.6", _ALEXNET_STAGES, min_image_size=63),
-        Backbone("vgg16", _torchvision("vgg16"), "classifier.6", _vgg_stages(batch_norm=False),
-                 min_image_size=32),
-        Backbone("vgg16_bn", _torchvision("vgg16_bn"), "classifier.6", _vgg_stages(batch_norm=True),
-                 min_image_size=32),
-        Backbone("resnet18", _torchvision("resnet18"), "fc", _RESNET_STAGES),
-        Backbone("resnet34", _torchvision("resnet34"), "fc", _RESNET_STAGES),
-        Backbone("resnet50", _torchvision("resnet50"), "fc", _RESNET_STAGES),
-        Backbone(
-            "efficientnet_lite0", _efficientnet_lite(0), "_fc",
-            (("_conv_stem", "_bn0"),
-             *_blocks([0], [1, 2], [3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [15]),
-             ("_conv_head", "_bn1")),
-        ),
-    )
-}
 
 
 def get_backbone(name: str) -> Backbone:
@@ -118,6 +30,20 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise KeyError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}") from None
+
+
+def build_architecture(spec: Backbone) -> nn.Module:
+    """The architecture of ``spec`` with its ImageNet head, randomly initialised."""
+    if spec.family == "torchvision":
+        import torchvision.models as tvm
+
+        return getattr(tvm, spec.arch)(weights=None)
+    if spec.family == "efficientnet_lite":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size=None: "same" padding computed per input, so any image_size works.
+        return EfficientNet.from_name(spec.arch, image_size=None)
+    raise ValueError(f"backbone {spec.name}: unknown family {spec.family!r}")
 
 
 def get_head(model: nn.Module, spec: Backbone) -> nn.Linear:
@@ -135,7 +61,7 @@ def build_model(name: str, num_classes: int, weights_file: str | Path | None = N
     """Build a backbone, load its weights and replace its classifier by a new ``Linear``.
 
     Args:
-        name: a key of :data:`BACKBONES`.
+        name: a key of :data:`cvpipe.backbones.BACKBONES`.
         num_classes: outputs of the new classifier.
         weights_file: a state dict for the architecture *with its original head*
             (loaded strictly, ``weights_only=True``); None keeps the random initialisation.
@@ -144,7 +70,7 @@ def build_model(name: str, num_classes: int, weights_file: str | Path | None = N
         The model; the new head is initialised from torch's global RNG (seed it first).
     """
     spec = get_backbone(name)
-    model = spec.build()
+    model = build_architecture(spec)
     if weights_file is not None:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)

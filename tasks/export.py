@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cvpipe.backbones import BACKBONES
 from cvpipe.errors import UserError
 from cvpipe.io import load_npz, save_npz, write_json
 from cvpipe.layout import CLASSIFIER_CARD, CLASSIFIER_WEIGHTS, MODEL
@@ -48,7 +49,7 @@ def make_card(*, backbone: str, mode: str, classes: list[str], channels: int, in
     """What :func:`load_classifier_data` needs besides the weights, validated.
 
     Args:
-        backbone: a key of :data:`tasks.backbones.BACKBONES`.
+        backbone: a key of :data:`cvpipe.backbones.BACKBONES`.
         mode: the training mode (recorded for people reading the store).
         classes: class names, in the order of the network's outputs.
         channels: channels of the training images (1 for grey datasets such as digits).
@@ -70,7 +71,6 @@ def validate_card(card: Any) -> dict[str, Any]:
     Raises:
         UntrustedModel: naming the first bad field.
     """
-    from tasks.backbones import BACKBONES
 
     def bad(field: str, why: str) -> UntrustedModel:
         return UntrustedModel(f"{CLASSIFIER_CARD}: {field} {why}")

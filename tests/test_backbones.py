@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cvpipe.backbones import BACKBONES, PackagedWeights
+from cvpipe.io import file_hash
 from cvpipe.params import TrainParams
-from tasks.backbones import BACKBONES, build_model, forward_features, freeze, get_backbone, get_head, stage_modules
-from tasks.download import _torchvision_weights
+from tasks.backbones import build_model, forward_features, freeze, get_backbone, get_head, stage_modules
+from tasks.download import packaged_weights_file, torchvision_weights
 
 NUM_CLASSES = 7
 NAMES = sorted(BACKBONES)
@@ -38,12 +40,16 @@ def tiny_batch(name: str, n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def test_registry_matches_params_and_weights():
-    """Every registered backbone is a valid train.backbone and has ImageNet weights (torchvision's or offline)."""
+    """Every registered backbone is a valid train.backbone and has ImageNet weights (torchvision's, or a
+    package's file with its pinned sha256)."""
     allowed = set(TrainParams.model_fields["backbone"].annotation.__args__)
     assert allowed == set(BACKBONES)
-    for name in NAMES:
-        if name != "efficientnet_lite0":
-            w = _torchvision_weights(name)
+    for name, spec in BACKBONES.items():
+        assert spec.name == name
+        if isinstance(spec.imagenet, PackagedWeights):
+            assert file_hash(packaged_weights_file(spec.imagenet)) == spec.imagenet.sha256
+        else:
+            w = torchvision_weights(spec)
             assert w.name == "IMAGENET1K_V1" and len(w.meta["categories"]) == 1000
 
 

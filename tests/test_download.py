@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cvpipe import layout
+from cvpipe.backbones import BACKBONES
 from cvpipe.io import ChecksumError, file_hash, safe_extract
 from cvpipe.params import load_params
 from tasks import download as dl
@@ -86,8 +87,9 @@ def test_digits_export_is_the_real_sklearn_set(tmp_path):
 def test_efficientnet_lite0_weights_come_from_the_package_verified(tmp_path):
     p = _params(tmp_path)
     m = dl.download_backbone(p.train, p.paths.backbone, p.download)
-    assert m["sha256"] == dl.EFFICIENTNET_LITE0_SHA256
-    assert file_hash(p.paths.backbone / dl.WEIGHTS_FILE) == dl.EFFICIENTNET_LITE0_SHA256
+    sha256 = BACKBONES["efficientnet_lite0"].imagenet.sha256
+    assert m["sha256"] == sha256
+    assert file_hash(p.paths.backbone / dl.WEIGHTS_FILE) == sha256
 
 
 def test_no_weights_means_no_file(tmp_path):
@@ -115,7 +117,7 @@ def test_torchvision_weights_are_checked_against_the_hash_in_their_name(tmp_path
     class W:
         url = f"{base}/resnet18-{prefix}.pth"
 
-    monkeypatch.setattr(dl, "_torchvision_weights", lambda backbone: W)
+    monkeypatch.setattr(dl, "torchvision_weights", lambda spec: W)
     p = _params(tmp_path, **{"train.backbone": "resnet18", "train.weights": "imagenet"})
     m = dl.download_backbone(p.train, p.paths.backbone, p.download)
     assert m["sha256"].startswith(prefix) and m["source"] == W.url

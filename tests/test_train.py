@@ -12,8 +12,9 @@ from tests.helpers import TINY_CLASSES, tiny_images, tiny_project, write_params
 from cvpipe.io import read_json
 from cvpipe.layout import AMP_CHOICE, CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
+from cvpipe.backbones import BACKBONES
 from tasks.backbones import (
-    BACKBONES,
+    build_architecture,
     build_model,
     forward_features,
     freeze,
@@ -129,7 +130,7 @@ def test_backbone_head_stages_and_freezing(name):
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_build_model_loads_weights_strictly(name, tmp_path):
     torch.manual_seed(1)
-    reference = get_backbone(name).build()
+    reference = build_architecture(get_backbone(name))
     torch.save(reference.state_dict(), tmp_path / "w.pth")
     model = build_model(name, 3, tmp_path / "w.pth")
     spec = get_backbone(name)
