@@ -25,8 +25,6 @@ from cvpipe.io import (ChecksumError, atomic_path, file_hash, load_npz, safe_ext
                        write_json)
 from cvpipe.layout import (CIFAR10_ARCHIVE, DETECTOR_CFG, DETECTOR_CLASSES, DETECTOR_FILES, DETECTOR_WEIGHTS,
                            DIGITS_FILE, MANIFEST, SAMPLES_MANIFEST)
-from cvpipe.layout import (CIFAR10_ARCHIVE, DETECTOR_CFG, DETECTOR_CLASSES, DETECTOR_FILES, DETECTOR_WEIGHTS,
-                           DIGITS_FILE, MANIFEST, SAMPLES_MANIFEST)
 from cvpipe.params import DownloadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
