@@ -45,11 +45,15 @@ AMP_CHOICE = "amp_choice.json"
 
 # --- evaluate (``paths.evaluate``) ---------------------------------------------------------
 EVAL_METRICS, PER_CLASS, ACCURACY_PLOT = "metrics.json", "per_class.json", "accuracy.png"
+#: ``{mode: {"classes", "matrix", "predictions"}}`` for every evaluated mode.
+CONFUSION_COUNTS = "confusion.json"
+#: One figure per evaluated mode, ``confusion/<mode>.png``: a folder, so dvc.yaml need not name the modes.
+CONFUSION_DIR = "confusion"
 
 
-def confusion_file(mode: str, suffix: str = "png") -> str:
-    """The confusion matrix of one mode: ``confusion_<mode>.png`` (plot) or ``.json`` (counts)."""
-    return f"confusion_{mode}.{suffix}"
+def confusion_plot(mode: str) -> str:
+    """The confusion-matrix figure of one mode, relative to ``paths.evaluate``."""
+    return f"{CONFUSION_DIR}/{mode}.png"
 
 
 # --- detect (``paths.detect``) -------------------------------------------------------------
@@ -61,7 +65,7 @@ ANNOTATED_DIR = "images"
 CLASSIFIER_CARD, CLASSIFIER_WEIGHTS = "classifier.json", "weights.npz"
 
 
-def stage_outputs(stage: str, modes: tuple[str, ...] = MODES) -> dict[str, list[str]]:
+def stage_outputs(stage: str) -> dict[str, list[str]]:
     """What dvc.yaml declares for ``stage``, as path templates (``${paths.x}/name``).
 
     Returns:
@@ -75,16 +79,11 @@ def stage_outputs(stage: str, modes: tuple[str, ...] = MODES) -> dict[str, list[
         "preprocess": {"outs": ["${paths.processed}"]},
         "train": {"outs": [f"{t}/{MODEL}", f"{t}/{CHECKPOINT}", f"{t}/{RUN}", f"{t}/{TRAIN_METRICS}"],
                   "plots": [f"{t}/{HISTORY}"]},
-        "evaluate": {"outs": [f"{e}/{PER_CLASS}"], "metrics": [f"{e}/{EVAL_METRICS}"],
-                     "plots": [f"{e}/{ACCURACY_PLOT}", *(f"{e}/{confusion_file(m)}" for m in modes)]},
+        "evaluate": {"outs": [f"{e}/{PER_CLASS}", f"{e}/{CONFUSION_COUNTS}"], "metrics": [f"{e}/{EVAL_METRICS}"],
+                     "plots": [f"{e}/{ACCURACY_PLOT}", f"{e}/{CONFUSION_DIR}"]},
         "detect": {"outs": [f"{d}/{DETECTIONS}", f"{d}/{COCO_RESULTS}", f"{d}/{DETECTIONS_CSV}", f"{d}/{FAILURES}",
                             f"{d}/{ANNOTATED_DIR}", f"{d}/{DETECT_SUMMARY}"],
                    "metrics": [f"{d}/{DETECT_METRICS}"]},
     }
     spec = table[stage]
     return {k: list(spec.get(k, [])) for k in ("outs", "metrics", "plots")}
-
-
-def evaluate_inputs(modes: tuple[str, ...] = MODES) -> list[str]:
-    """The files of each trained mode that evaluate reads, as dvc.yaml path templates."""
-    return [f"${{paths.train}}/{m}/{name}" for name in (MODEL, RUN, HISTORY) for m in modes]

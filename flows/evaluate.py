@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from cvpipe.layout import ACCURACY_PLOT, EVAL_METRICS, PER_CLASS, confusion_file
+from cvpipe.layout import ACCURACY_PLOT, CONFUSION_COUNTS, EVAL_METRICS, PER_CLASS, confusion_plot
 from cvpipe.params import Params, load_params
 from flows.registry import register_best
 from flows.run_tags import reap_stale_runs
@@ -59,7 +59,8 @@ def evaluate_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | 
             # bar chart per class would bury the training curves on the run page).
             run.log_metrics({"test_acc": m["test_acc"], "test_loss": m["test_loss"]})
             run.set_tags({"evaluated": "true"})
-            for name in (confusion_file(mode), confusion_file(mode, "json"), ACCURACY_PLOT, EVAL_METRICS, PER_CLASS):
+            run.log_artifact(out / confusion_plot(mode), "evaluate/confusion")
+            for name in (CONFUSION_COUNTS, ACCURACY_PLOT, EVAL_METRICS, PER_CLASS):
                 run.log_artifact(out / name, "evaluate")
     trained = {m: r for m, r in run_ids.items() if r == model_run_id(p, m)}
     if trained:

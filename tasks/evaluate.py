@@ -2,13 +2,15 @@
 
 Writes to ``paths.evaluate``: ``metrics.json`` (a DVC metrics file, one section per
 mode, headline numbers only: they are columns of ``dvc exp show`` and ``dvc metrics show``),
-``per_class.json`` (per-class accuracy of each mode, a plain output), ``confusion_<mode>.json``
-(per-image rows for DVC's confusion template, plus the class names and the matrix) and ``.png``,
-and ``accuracy.png`` (train and validation accuracy per epoch of every mode in one figure).
+``per_class.json`` (per-class accuracy of each mode, a plain output), ``confusion.json`` (for each
+mode: the class names, the matrix and per-image rows), ``confusion/<mode>.png``, and
+``accuracy.png`` (train and validation accuracy per epoch of every mode in one figure). The
+figures of modes no longer evaluated are removed with the rest of ``confusion/``.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,22 @@ import numpy as np
 import torch
 
 from cvpipe.io import atomic_path, read_json, write_json
-from cvpipe.layout import ACCURACY_PLOT, EVAL_METRICS, HISTORY, MODEL, PER_CLASS, RUN, confusion_file
+from cvpipe.layout import (
+    ACCURACY_PLOT,
+    CONFUSION_COUNTS,
+    CONFUSION_DIR,
+    EVAL_METRICS,
+    HISTORY,
+    MODEL,
+    PER_CLASS,
+    RUN,
+    confusion_plot,
+)
 from cvpipe.params import Params
 from tasks.checkpoints import load_classifier
 from tasks.engine import evaluate as evaluate_model
-from tasks.preprocess import load_split
 from tasks.runtime import Runtime, make_runtime
+from tasks.splits import load_split
 from tasks.transforms import prepare_batch
 
 
@@ -139,21 +151,25 @@ def evaluate(p: Params) -> dict[str, dict[str, Any]]:
     x, y = load_split(p.paths.processed, "test")
     out = p.paths.evaluate
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / CONFUSION_DIR, ignore_errors=True)  # this stage's own output: no stale mode survives
+    (out / CONFUSION_DIR).mkdir()
     metrics: dict[str, dict[str, Any]] = {}
+    confusion: dict[str, dict[str, Any]] = {}
     for mode in modes:
         res = score_model(p.paths.train / mode / MODEL, x, y, p.evaluate.batch_size, rt)
         classes, cm = res["classes"], res["confusion"]
         metrics[mode] = {"test_acc": res["test_acc"], "test_loss": res["test_loss"], "n_test": int(len(y)),
                          "per_class_acc": res["per_class_acc"]}
-        write_json(out / confusion_file(mode, "json"), {
-            "predictions": [{"actual": classes[t], "predicted": classes[q]} for t, q in zip(y, res["pred"])],
-            "classes": classes, "matrix": cm.tolist()})
+        confusion[mode] = {
+            "classes": classes, "matrix": cm.tolist(),
+            "predictions": [{"actual": classes[t], "predicted": classes[q]} for t, q in zip(y, res["pred"])]}
         _save_figure(plot_confusion(cm, classes, f"{mode}: test accuracy {res['test_acc']:.4f}"),
-                     out / confusion_file(mode))
+                     out / confusion_plot(mode))
         print(f"evaluate {mode}: test accuracy {res['test_acc']:.4f} on {len(y)} images")
     histories = {m: read_json(p.paths.train / m / HISTORY) for m in modes}
     _save_figure(plot_accuracy(histories), out / ACCURACY_PLOT)
     write_json(out / EVAL_METRICS,
                {m: {k: v for k, v in r.items() if k != "per_class_acc"} for m, r in metrics.items()})
     write_json(out / PER_CLASS, {m: r["per_class_acc"] for m, r in metrics.items()})
+    write_json(out / CONFUSION_COUNTS, confusion)
     return metrics

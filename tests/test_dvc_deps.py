@@ -61,6 +61,5 @@ def test_evaluate_depends_on_the_code_and_files_it_reads():
     for code in ("tasks/evaluate.py", "tasks/runtime.py", "tasks/transforms.py", "tasks/engine.py",
                  "tasks/checkpoints.py", "tasks/backbones.py"):
         assert code in deps
-    for mode in ("feature_extractor", "fine_tune"):
-        for name in ("model.pt", "run.json", "history.json"):
-            assert f"${{paths.train}}/{mode}/{name}" in deps
+    # every trained mode's files, whichever modes train.modes lists: the train folder
+    assert "${paths.train}" in deps

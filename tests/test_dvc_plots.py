@@ -63,7 +63,7 @@ def clone(tmp_path_factory):
     out = repo / "outputs/evaluate"
     _save_figure(plot_accuracy(histories), out / "accuracy.png")
     for mode in histories:
-        _save_figure(plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], mode), out / f"confusion_{mode}.png")
+        _save_figure(plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], mode), out / "confusion" / f"{mode}.png")
     return repo, histories
 
 
@@ -87,8 +87,8 @@ def test_dvc_plots_show_renders_every_plot_offline(clone, tmp_path):
         paths = by_title[f"outputs/train/{mode}/history.json"]
         # one drawn line through every epoch: "M x,y" then one "L x,y" per further epoch
         assert any(d and d.count("L") == len(rows) - 1 for d in paths), paths
-    srcs = {Path(src).name: width for src, width in images}
-    for name in ("accuracy.png", "confusion_feature_extractor.png", "confusion_fine_tune.png"):
+    srcs = {src: width for src, width in images}
+    for name in ("accuracy.png", "confusion/feature_extractor.png", "confusion/fine_tune.png"):
         assert any(n.endswith(name) and w > 100 for n, w in srcs.items()), srcs  # decoded, not a broken image
 
 

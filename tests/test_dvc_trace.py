@@ -15,8 +15,11 @@ not be versioned. Caches (``paths.cache``, ``paths.features``) are neither: they
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -27,7 +30,7 @@ from pydantic import BaseModel
 
 from cvpipe import layout
 from cvpipe.params import load_params
-from tests.conftest import ROOT, write_params
+from tests.helpers import DEFAULT_PARAMS, ROOT, clone_project
 
 pytestmark = pytest.mark.slow
 
@@ -133,10 +136,17 @@ def _under(path: Path, roots: list[Path]) -> bool:
 
 def _check(stage: str, trace: Trace, declared: dict, root: Path, caches: list[Path]) -> None:
     inside = lambda ps: {q for q in ps if root in q.parents}  # noqa: E731  (the project's files only)
-    written = {q for q in inside(trace.writes) if q.exists()}  # temporary files renamed away are not outputs
+    written = set()
+    for q in inside(trace.writes):
+        if q.is_dir():  # a folder renamed into place (a staged set of outputs): what it holds was written
+            written.update(f for f in q.rglob("*") if f.is_file() and f.name != ".gitignore")  # DVC's file
+        elif q.exists():  # temporary files renamed away are not outputs
+            written.add(q)
     stray = sorted(str(q.relative_to(root)) for q in written if not _under(q, declared["outs"] + caches))
     assert not stray, f"{stage} writes files dvc.yaml does not list as its outputs: {stray}"
-    reads = {q for q in inside(trace.reads) if q.exists() and q not in written}
+    # listing a folder that holds the stage's outputs (to find its own staging folders) reads nothing of others'
+    reads = {q for q in inside(trace.reads) if q.exists() and q not in written
+             and not (q.is_dir() and any(q in o.parents for o in declared["outs"]))}
     undeclared = sorted(str(q.relative_to(root)) for q in reads
                         if not _under(q, declared["deps"] + declared["outs"] + caches) and q != root)
     assert not undeclared, f"{stage} reads files dvc.yaml does not list as its dependencies: {undeclared}"
@@ -146,13 +156,45 @@ def _check(stage: str, trace: Trace, declared: dict, root: Path, caches: list[Pa
     assert not missing, f"{stage} reads parameters dvc.yaml does not list: {missing}"
 
 
+#: The shrunk offline profile, with the project's own relative paths (a clone, as a user has it).
+SHRINK = {"data.dataset": "digits", "train.backbone": "efficientnet_lite0", "train.weights": "imagenet",
+          "train.epochs": 1, "train.image_size": 32, "detect.model": "yolov3-tiny", "download.retries": 1,
+          "download.backoff_s": 0.0}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, detector_dir):
-    root = tmp_path_factory.mktemp("traced")
-    params = write_params(root, {"train.epochs": 1, "train.image_size": 32, "evaluate.batch_size": 256})
-    p = load_params(params)
-    shutil.copytree(detector_dir, p.paths.detector)  # the real yolov3-tiny files, fetched once per session
-    return root, params
+    """A clone of the project (git + DVC) with shrunk parameters, the current folder while it is used."""
+    from cvpipe.params import apply_overrides
+
+    root = clone_project(tmp_path_factory.mktemp("traced")).resolve()
+    raw = apply_overrides(yaml.safe_load(DEFAULT_PARAMS.read_text()), SHRINK)
+    raw["detect"]["input"] = raw["paths"]["samples"]
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(detector_dir, root / raw["paths"]["detector"])  # the real yolov3-tiny files, fetched once
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        yield root, params
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def traces(project):
+    """Every stage run once in DAG order, each under its own trace."""
+    import flows.train  # noqa: F401  (Prefect reads its settings files at import: not the stage's reads)
+
+    _, params = project
+    out = {}
+    for stage, item in ORDER:
+        trace = Trace()
+        recorded = _Recorder(load_params(params), "", trace.params)
+        with trace:
+            _run_stage(stage, recorded, item)
+        out[(stage, item)] = trace
+    return out
 
 
 def _run_stage(stage: str, p, item: str | None) -> None:
@@ -165,9 +207,11 @@ def _run_stage(stage: str, p, item: str | None) -> None:
 
         preprocess(p)
     elif stage == "train":
+        from flows.train import write_run_id  # imported (Prefect's settings read) before the trace began
         from tasks.train import train
 
         train(p, item)
+        write_run_id(p, item, "traced")  # the flow's part of the stage: the MLflow run that logged the model
     elif stage == "evaluate":
         from tasks.evaluate import evaluate
 
@@ -189,19 +233,36 @@ ORDER = [("download", None), ("preprocess", None), *(("train", m) for m in layou
          ("detect", None)]
 
 
-def test_stages_touch_only_what_dvc_yaml_declares(project):
+def test_stages_touch_only_what_dvc_yaml_declares(project, traces):
     root, params = project
     raw = yaml.safe_load(params.read_text())
     p = load_params(params)
     caches = [p.paths.cache.resolve(), p.paths.features.resolve()]
-    for stage, item in ORDER:
-        trace = Trace()
-        recorded = _Recorder(load_params(params), "", trace.params)
-        with trace:
-            _run_stage(stage, recorded, item)
+    for (stage, item), trace in traces.items():
         assert trace.writes, f"{stage} wrote nothing: the trace does not work"
-        _check(f"{stage}{'@' + item if item else ''}", trace, _declared(stage, raw, item, root.resolve()),
-               root.resolve(), caches)
+        _check(f"{stage}{'@' + item if item else ''}", trace, _declared(stage, raw, item, root), root, caches)
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_a_parameter_a_stage_reads_makes_it_stale(project, traces):
+    """After the traced run is recorded in dvc.lock, changing ``train.amp`` (read by evaluate through
+    the runtime, and by train) makes exactly the stages that read it stale."""
+    from cvpipe.params import write_overrides
+
+    root, params = project
+    _dvc(root, "commit", "--force")
+    assert json.loads(_dvc(root, "status", "--json").stdout) == {}
+    amp = yaml.safe_load(params.read_text())["train"]["amp"]
+    write_overrides(params, {"train.amp": "off" if amp != "off" else "bf16"})
+    stale = set(json.loads(_dvc(root, "status", "--json").stdout))
+    assert stale == {"train@feature_extractor", "train@fine_tune", "evaluate"}, stale
+    read_by = {f"{s}@{i}" if i else s for (s, i), t in traces.items() if "train.amp" in t.params}
+    assert read_by == stale, "the stages that read train.amp are the stale ones"
 
 
 def test_the_tracer_sees_an_undeclared_read_and_write(tmp_path):

@@ -54,14 +54,14 @@ def test_evaluate_stage_on_tiny_models(tmp_path):
         m = metrics[mode]
         assert m["n_test"] == len(y) == 40
         assert m["test_acc"] >= 0.75  # chance is 0.25
-        conf = read_json(out / f"confusion_{mode}.json")
+        conf = read_json(out / "confusion.json")[mode]
         cm = np.array(conf["matrix"])
         assert conf["classes"] == TINY_CLASSES and cm.sum() == 40
         assert np.trace(cm) / 40 == pytest.approx(m["test_acc"])
         assert [r["actual"] for r in conf["predictions"]] == [TINY_CLASSES[i] for i in y]
         assert sum(r["actual"] == r["predicted"] for r in conf["predictions"]) == np.trace(cm)
         assert m["per_class_acc"] == pytest.approx(dict(zip(TINY_CLASSES, np.diag(cm) / cm.sum(1))))
-        assert (out / f"confusion_{mode}.png").read_bytes().startswith(PNG)
+        assert (out / "confusion" / f"{mode}.png").read_bytes().startswith(PNG)
     assert (out / "accuracy.png").read_bytes().startswith(PNG)
 
 
@@ -116,8 +116,10 @@ def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
         assert run.data.metrics["test_acc"] == pytest.approx(metrics[mode]["test_acc"])
         assert run.data.tags["evaluated"] == "true"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
-        assert f"evaluate/confusion_{mode}.png" in artifacts and "evaluate/accuracy.png" in artifacts
-        assert {"evaluate/metrics.json", "evaluate/per_class.json"} <= artifacts
+        assert "evaluate/accuracy.png" in artifacts
+        assert f"evaluate/confusion/{mode}.png" in {
+            a.path for a in client.list_artifacts(run.info.run_id, "evaluate/confusion")}
+        assert {"evaluate/metrics.json", "evaluate/per_class.json", "evaluate/confusion.json"} <= artifacts
         assert "metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id)}  # the final figures
 
         logged = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
@@ -133,6 +135,7 @@ def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
         assert out["probabilities"].sum(1) == pytest.approx(np.ones(5), abs=1e-5)
 
 
+@pytest.mark.slow  # the train and evaluate flows under Prefect
 def test_flows_log_one_run_per_mode_and_evaluate_into_it(tmp_path, prefect_server, caplog):
     from flows.evaluate import evaluate_flow
     from flows.train import train_flow
