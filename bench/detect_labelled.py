@@ -28,7 +28,8 @@ from tasks.detect_inputs import plan_inputs
 from tasks.detect_metrics import coco_map
 from tasks.detect_outputs import COCO80_TO_91, coco_results
 from tasks.detect_shard import detect_shard
-from tasks.download import download_detector, place_on_canvas
+from tasks.download import download_detector
+from tasks.samples import place_on_canvas
 
 ROOT = Path(__file__).resolve().parents[1]
 ANNOTATIONS = ROOT / "data" / "annotations" / "samples_coco.json"

@@ -29,11 +29,12 @@ from tasks.amp import choose_amp, cpu_info, model_step_timer
 from tasks.backbones import build_model, forward_features, freeze, get_backbone, get_head, set_bn_momentum, \
     set_train_mode
 from bench.detect_speed import build_variants, measure, ratios
-from tasks.download import download_backbone, download_detector, export_digits, export_samples
+from tasks.download import download_backbone, download_detector, export_digits
 from tasks.preprocess import stratified_split
 from tasks.engine import epoch_generator, evaluate, train_one_epoch
 from tasks.features import cached_features
 from tasks.runtime import Runtime
+from tasks.samples import export_samples
 from tasks.transforms import identity, image_transforms
 
 from bench.gpu import gpu_throughput

@@ -251,7 +251,7 @@ def exported_model(p: Params, mode: str, n_examples: int = 2) -> tuple[Classifie
     """
     # Imported here: loading an exported model needs neither the training files nor the datasets' readers.
     from tasks.checkpoints import load_torch
-    from tasks.preprocess import load_split
+    from tasks.splits import load_split
 
     ckpt = load_torch(p.paths.train / mode / MODEL)
     x, _ = load_split(p.paths.processed, "val")

@@ -1,7 +1,7 @@
 """The ``preprocess`` stage: raw dataset -> compact uint8 arrays (N, C, H, W) + int64 labels.
 
 Writes ``train.npz``, ``val.npz`` and ``test.npz`` (arrays ``x`` and ``y``) and
-``card.json`` (class names, counts per split, content hashes). The validation
+``card.json`` (class names, counts per split, content hashes; :mod:`tasks.splits`). The validation
 split is carved from train by a seeded, stratified split. Images keep their
 native size: resizing to the network's input size happens per batch in ``train``.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,13 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from cvpipe.errors import UserError
-from cvpipe.io import array_hash, load_npz, save_npz, write_json
-from cvpipe.layout import CARD, CIFAR10_ARCHIVE, DIGITS_FILE, SPLITS, split_file
+from cvpipe.io import load_npz
+from cvpipe.layout import CIFAR10_ARCHIVE, DIGITS_FILE
 from cvpipe.params import Params
 # The image reader lives in a module of its own (no Prefect or scikit-learn: predict and serving
 # import it quickly); stages import it from here.
 from tasks.images import MAX_PIXELS, decode_image, header_pixels, read_image  # noqa: F401
+from tasks.splits import Dataset, dataset_card, write_dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -31,14 +31,6 @@ CIFAR10_RECORD = 1 + 3 * 32 * 32
 CIFAR10_TRAIN = [f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)]
 CIFAR10_TEST = ["cifar-10-batches-bin/test_batch.bin"]
 CIFAR10_META = "cifar-10-batches-bin/batches.meta.txt"
-
-
-@dataclass
-class Dataset:
-    """Images (N, C, H, W) uint8 and labels (N,) int64 for each split, plus class names."""
-
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    classes: list[str]
 
 
 # --------------------------------------------------------------------------- readers
@@ -264,34 +256,6 @@ def build_dataset(p: Params) -> Dataset:
         tx, ty, test_x, test_y = stratified_split(x, y, pp.test_fraction, seed)
     tx, ty, vx, vy = stratified_split(tx, ty, pp.val_fraction, seed)
     return Dataset({"train": (tx, ty), "val": (vx, vy), "test": (test_x, test_y)}, classes)
-
-
-def dataset_card(ds: Dataset, name: str) -> dict:
-    """Small JSON-able description: class names, counts per split and per class, content hashes."""
-    n = len(ds.classes)
-    return {
-        "dataset": name,
-        "classes": ds.classes,
-        "image_shape": list(ds.splits["train"][0].shape[1:]),
-        "counts": {s: int(len(y)) for s, (_, y) in ds.splits.items()},
-        "class_counts": {s: np.bincount(y, minlength=n).tolist() for s, (_, y) in ds.splits.items()},
-        "sha256": {s: array_hash(x, y) for s, (x, y) in ds.splits.items()},
-        "data_hash": array_hash(*[a for s in SPLITS for a in ds.splits[s]]),
-    }
-
-
-def write_dataset(ds: Dataset, card: dict, out_dir: Path) -> None:
-    """Write one .npz per split and the card, each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for s, (x, y) in ds.splits.items():
-        save_npz(out_dir / split_file(s), x=x, y=y)
-    write_json(out_dir / CARD, card)
-
-
-def load_split(processed: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Load one split written by :func:`write_dataset` (pickle disabled)."""
-    d = load_npz(processed / split_file(split))
-    return d["x"], d["y"]
 
 
 # --------------------------------------------------------------------------- stage

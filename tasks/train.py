@@ -30,8 +30,8 @@ from tasks.backbones import build_model, freeze, get_backbone, set_bn_momentum
 from tasks.checkpoints import fingerprint, load_classifier, resolve_weights, resume_from, rng_state, save_torch
 from tasks.engine import epoch_generator, evaluate, train_one_epoch
 from tasks.modes import feature_extractor_setup, fine_tune_setup
-from tasks.preprocess import load_split
 from tasks.runtime import Runtime, make_runtime, resolve_amp
+from tasks.splits import load_split
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,7 @@ def tiny_project(tmp_path: Path, overrides: dict | None = None):
     """
     from cvpipe.params import load_params
     from tasks.download import download_backbone
-    from tasks.preprocess import Dataset, dataset_card, write_dataset
+    from tasks.splits import Dataset, dataset_card, write_dataset
 
     ov = {"train.batch_size": 16, "train.epochs": 3, "train.hflip": True, "train.vflip": False}
     ov.update(overrides or {})

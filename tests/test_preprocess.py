@@ -13,6 +13,7 @@ from cvpipe.io import read_json
 from cvpipe.params import load_params
 from tasks import download as dl
 from tasks import preprocess as pp
+from tasks.splits import load_split
 from tests.helpers import make_cifar10_archive, write_params
 
 
@@ -43,7 +44,7 @@ def test_stage_writes_arrays_and_card(tmp_path):
     assert on_disk == card
     assert card["classes"] == [str(i) for i in range(10)]
     assert card["counts"] == {"train": 1293, "val": 144, "test": 360}
-    x, y = pp.load_split(p.paths.processed, "val")
+    x, y = load_split(p.paths.processed, "val")
     assert x.shape == (144, 1, 8, 8) and on_disk["class_counts"]["val"] == np.bincount(y).tolist()
     from cvpipe.io import array_hash
 

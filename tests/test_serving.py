@@ -242,7 +242,8 @@ def digits_registry(tmp_path_factory):
     from flows.registry import register_best
     from flows.tracking import stage_run
     from flows.train import log_model, write_run_id
-    from tasks.download import digit_sample, download_backbone, export_digits
+    from tasks.download import download_backbone, export_digits
+    from tasks.samples import digit_sample
     from tasks.preprocess import preprocess
     from tasks.train import train
 
