@@ -31,10 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cvpipe.layout import CLASSIFIER_CARD as CARD  # noqa: F401 - the card's name, for code reading models here
 from tasks.export import TOP_K, Classifier, UntrustedModel, load_classifier_data
-from tasks.export import read_card, softmax  # noqa: F401 - for code that reads MLflow models through this module
-from tasks.inputs import InvalidInput  # noqa: F401 - what predict raises for a bad input
 
 DATA_DIR = "classifier"  # the folder MLflow copies under the model's data/
 LOADER_MODULE = __name__

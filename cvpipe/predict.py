@@ -74,8 +74,9 @@ def load_registered(p: Params, alias: str = CHAMPION, trust_model_code: bool = F
     import mlflow.artifacts
     import mlflow.pyfunc
 
-    from cvpipe.model_flavor import UntrustedModel, check_model_dir, read_card
+    from cvpipe.model_flavor import check_model_dir
     from flows.tracking import configure, tracking_uri
+    from tasks.export import UntrustedModel, read_card
 
     client, _ = configure(p)
     name = p.mlflow.registered_model
@@ -110,7 +111,7 @@ def classify(loaded: LoadedModel, paths: list[Path], k: int = 3) -> list[dict[st
         One {"path", "version", "top": [(class, probability), ...]} or {"path", "version", "error"}
         per file, in order.
     """
-    from cvpipe.model_flavor import InvalidInput
+    from tasks.inputs import InvalidInput
 
     results = []
     for path in paths:
@@ -170,7 +171,7 @@ def predict(p: Params, paths: list[Path], k: int = 3, alias: str = CHAMPION,
 def _foreign_predict(model, paths: list[Path]) -> list[np.ndarray]:
     """Probabilities from a trusted model of another flavour (uint8 images at its signature's size in,
     logits or a {"probabilities"} mapping out)."""
-    from cvpipe.model_flavor import softmax
+    from tasks.export import softmax
 
     channels, size = _input_shape(model.metadata.signature)
     out = []

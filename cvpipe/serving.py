@@ -52,7 +52,7 @@ def short_message(err: BaseException) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc.scoring_server import REQUIRED_INPUT_FORMAT
 
-    from cvpipe.model_flavor import InvalidInput
+    from tasks.inputs import InvalidInput
 
     cause = _find(err, InvalidInput)
     if cause is not None:
@@ -117,7 +117,7 @@ def build_app(model: Any):
             result = await asyncio.to_thread(scoring_server.invocations, body, content_type, model, input_schema)
         except MlflowException as err:
             status = err.get_http_status_code()
-            from cvpipe.model_flavor import InvalidInput
+            from tasks.inputs import InvalidInput
 
             if _find(err, InvalidInput) is not None:
                 status = 400

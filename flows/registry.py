@@ -190,7 +190,9 @@ def _version_classes(p: Params, client, version, run) -> list[str] | None:
     from mlflow.exceptions import MlflowException
 
     from cvpipe.io import read_json
-    from cvpipe.model_flavor import CARD, DATA_DIR, UntrustedModel, read_card
+    from cvpipe.layout import CLASSIFIER_CARD as CARD
+    from cvpipe.model_flavor import DATA_DIR
+    from tasks.export import UntrustedModel, read_card
 
     with tempfile.TemporaryDirectory(prefix="cvpipe-card-") as tmp:
         try:

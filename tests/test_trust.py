@@ -114,9 +114,9 @@ def test_logged_model_is_data_only_and_predicts_like_training(project):
     import mlflow.pyfunc
 
     from cvpipe.layout import MODEL
-    from cvpipe.model_flavor import load_classifier_data, softmax
     from cvpipe.predict import predict
     from tasks.checkpoints import load_classifier
+    from tasks.export import load_classifier_data, softmax
 
     model_dir, p = project["model_dir"], project["p"]
     files = sorted(f.relative_to(model_dir).as_posix() for f in model_dir.rglob("*") if f.is_file())
@@ -233,8 +233,8 @@ def _tamper(model_dir: Path, marker: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["code_paths", "code_paths_other_flavor", "python_model", "foreign_loader",
                                  "non_cvpipe_installed_loader", "model_from_code", "data_outside"])
 def test_tampered_mlmodel_is_refused_with_one_clear_error(store, tmp_path, how):
-    from cvpipe.model_flavor import UntrustedModel
     from cvpipe.predict import predict
+    from tasks.export import UntrustedModel
 
     marker = tmp_path / "marker"
     _tamper(store["model_dir"], marker, how)
@@ -267,8 +267,8 @@ def test_serve_model_refuses_what_predict_refuses(store, tmp_path, how):
 
 def test_tampered_weights_are_refused_without_unpickling(store, tmp_path):
     """weights.npz replaced by an archive holding a pickled object: refused, never unpickled."""
-    from cvpipe.model_flavor import UntrustedModel
     from cvpipe.predict import predict
+    from tasks.export import UntrustedModel
 
     marker = tmp_path / "marker"
     weights = store["model_dir"] / "data" / "classifier" / "weights.npz"
@@ -280,6 +280,7 @@ def test_tampered_weights_are_refused_without_unpickling(store, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # mlflow.pytorch logs, loads and predicts image by image: ~10 s
 def test_a_model_of_the_old_format_is_refused_unless_trusted(project):
     """A version logged the old way (mlflow.pytorch) is refused by default; trust_model_code loads it."""
     import mlflow
@@ -288,10 +289,10 @@ def test_a_model_of_the_old_format_is_refused_unless_trusted(project):
     from mlflow.tracking import MlflowClient
 
     from cvpipe.layout import MODEL
-    from cvpipe.model_flavor import UntrustedModel
     from cvpipe.predict import predict
     from flows.tracking import stage_run, tracking_uri
     from tasks.checkpoints import load_classifier
+    from tasks.export import UntrustedModel
 
     p = project["p"]
     clf = load_classifier(p.paths.train / MODE / MODEL)
