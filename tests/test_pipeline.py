@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.mark.slow  # Prefect's test server
 def test_serve_creates_a_deployment_with_its_cron_schedule(prefect_server):
     import asyncio
 

@@ -74,6 +74,7 @@ def _leftovers(root: Path) -> list[Path]:
     return [f for f in root.rglob(".*") if ".tmp" in f.name]
 
 
+@pytest.mark.slow  # trains three times, twice in processes of its own
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     ref = tiny_project(tmp_path / "ref", FT)
     train(ref, "fine_tune")  # the uninterrupted run, in this process

@@ -127,7 +127,9 @@ def test_backbone_head_stages_and_freezing(name):
     assert get_head(model, spec) is head  # restored after feature extraction
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+# VGG-16's 528 MB state dict is saved and loaded twice: seconds each, in the slow suite
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("vgg") else n
+                                  for n in sorted(BACKBONES)])
 def test_build_model_loads_weights_strictly(name, tmp_path):
     torch.manual_seed(1)
     reference = build_architecture(get_backbone(name))
