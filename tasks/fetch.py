@@ -6,11 +6,17 @@ error names the asset, what was tried and how to provide it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pooch
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from cvpipe.errors import UserError
 from cvpipe.io import ChecksumError, file_hash
@@ -53,7 +59,7 @@ class Remote:
 
 
 def fetch(remote: Remote, dest: Path, asset: str, dp: DownloadParams, hint: str) -> Path:
-    """Download ``remote`` to ``dest`` with retries and exponential backoff.
+    """Download ``remote`` to ``dest`` with retries and exponential backoff (tenacity).
 
     The file is verified against its pinned digest; a valid existing file is kept
     without network access. pooch streams into a temporary file and renames it
@@ -73,24 +79,28 @@ def fetch(remote: Remote, dest: Path, asset: str, dp: DownloadParams, hint: str)
     dest.parent.mkdir(parents=True, exist_ok=True)
     known = None if remote.prefix else f"{remote.algo}:{remote.digest}"
     downloader = pooch.HTTPDownloader(progressbar=True, timeout=dp.timeout_s)
-    wait, last = dp.backoff_s, None
-    for attempt in range(1, dp.retries + 1):
+
+    def attempt() -> None:
         try:
-            pooch.retrieve(remote.url, known_hash=known, fname=dest.name, path=dest.parent,
-                           downloader=downloader)
-        except ValueError as err:  # pooch: digest mismatch, the source serves another file
+            pooch.retrieve(remote.url, known_hash=known, fname=dest.name, path=dest.parent, downloader=downloader)
+        except ValueError as err:  # pooch: digest mismatch, the source serves another file: not retried
             raise AssetUnavailable(asset, [remote.url], hint, ChecksumError(str(err))) from err
-        except Exception as err:  # connection errors, timeouts, HTTP errors: retried
-            last = err
-            log.warning("%s: attempt %d/%d failed: %s", asset, attempt, dp.retries, err)
-            if attempt < dp.retries:
-                time.sleep(wait)
-                wait *= 2
-            continue
-        if not remote.matches(dest):
-            actual = file_hash(dest, remote.algo)
-            dest.unlink()
-            raise AssetUnavailable(asset, [remote.url], hint, ChecksumError(
-                f"{remote.algo} {actual} does not match the pinned {remote.digest}"))
-        return dest
-    raise AssetUnavailable(asset, [remote.url], hint, last)
+
+    def failed(state: RetryCallState) -> None:
+        log.warning("%s: attempt %d/%d failed: %s", asset, state.attempt_number, dp.retries, state.outcome.exception())
+
+    # Connection errors, timeouts and HTTP errors are retried, waiting backoff_s, 2 x backoff_s, ...
+    retrying = Retrying(stop=stop_after_attempt(dp.retries), wait=wait_exponential(multiplier=dp.backoff_s, min=0),
+                        retry=retry_if_not_exception_type(AssetUnavailable), after=failed, reraise=True)
+    try:
+        retrying(attempt)
+    except AssetUnavailable:
+        raise
+    except Exception as err:
+        raise AssetUnavailable(asset, [remote.url], hint, err) from err
+    if not remote.matches(dest):
+        actual = file_hash(dest, remote.algo)
+        dest.unlink()
+        raise AssetUnavailable(asset, [remote.url], hint, ChecksumError(
+            f"{remote.algo} {actual} does not match the pinned {remote.digest}"))
+    return dest
