@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable

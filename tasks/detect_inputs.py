@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tasks.preprocess import IMAGE_SUFFIXES
+from tasks.images import IMAGE_SUFFIXES
 
 
 class InputImage(NamedTuple):

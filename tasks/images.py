@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 #: Default pixel limit (width x height) of one image; ``detect.max_pixels`` sets it for detection.
+#: The file suffixes read as images wherever a folder of user images is listed (preprocess, detect).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MAX_PIXELS = 100_000_000
 
 

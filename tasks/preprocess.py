@@ -22,10 +22,9 @@ from cvpipe.layout import CIFAR10_ARCHIVE, DIGITS_FILE
 from cvpipe.params import Params
 # The image reader lives in a module of its own (no Prefect or scikit-learn: predict and serving
 # import it quickly); stages import it from here.
-from tasks.images import MAX_PIXELS, decode_image, header_pixels, read_image  # noqa: F401
+from tasks.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_image, header_pixels, read_image  # noqa: F401
 from tasks.splits import Dataset, dataset_card, write_dataset
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 CIFAR10_RECORD = 1 + 3 * 32 * 32
 CIFAR10_TRAIN = [f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)]
