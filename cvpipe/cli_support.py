@@ -113,9 +113,9 @@ def project_lock(wait: bool = False) -> Iterator[None]:
 
 def stage_flow(stage: str):
     """A stage's flow, imported only when it is about to run (the import takes seconds)."""
-    import importlib
+    from flows import stage_flow as flow_of
 
-    return getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
+    return flow_of(stage)[0]
 
 
 def run_flow(flow_fn, params: Path, **kwargs) -> Any:

@@ -23,29 +23,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
+from flows import stage_flow
 from flows.dvc_sync import DvcSync
 
 _TRAIN_SLOTS: dict[str, threading.Semaphore] = {}
-
-
-def _stage_flow(stage: str):
-    """The stage's own flow and its extra arguments, from the DVC stage name."""
-    name, _, item = stage.partition("@")
-    if name == "download":
-        from flows.download import download_flow as fn
-    elif name == "preprocess":
-        from flows.preprocess import preprocess_flow as fn
-    elif name == "train":
-        from flows.train import train_flow as fn
-
-        return fn, {"mode": item}
-    elif name == "evaluate":
-        from flows.evaluate import evaluate_flow as fn
-    elif name == "detect":
-        from flows.detect import detect_flow as fn
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
-    return fn, {}
 
 
 def _train_slot(device: str) -> threading.Semaphore:
@@ -64,7 +45,7 @@ def run_stage(stage: str, params_file: str, force: bool, device: str) -> dict[st
     if not changes and not force:
         print(f"{stage}: up to date (dvc status), skipped")
         return {"stage": stage, "status": "skipped", "seconds": 0.0}
-    fn, kwargs = _stage_flow(stage)
+    fn, kwargs = stage_flow(stage)
     slot = _train_slot(device) if stage.startswith("train@") else None
     if slot:
         slot.acquire()
