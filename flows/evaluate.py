@@ -10,7 +10,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from cvpipe.layout import ACCURACY_PLOT, CONFUSION_COUNTS, EVAL_METRICS, PER_CLASS, confusion_plot
+from cvpipe.layout import (
+    ACCURACY_PLOT,
+    CONFUSION_COUNTS,
+    EVAL_METRICS,
+    PER_CLASS,
+    confusion_plot,
+)
 from cvpipe.params import Params, load_params
 from flows.registry import register_best
 from flows.run_tags import reap_stale_runs

@@ -368,7 +368,7 @@ def test_flow_writes_every_output(threads_run):
 def test_flow_logs_to_mlflow(threads_run):
     from mlflow.tracking import MlflowClient
 
-    from cvpipe.tracking import tracking_uri
+    from flows.tracking import tracking_uri
 
     p = threads_run["params"]
     client = MlflowClient(tracking_uri(p))
