@@ -60,9 +60,10 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-# Two epochs of three batches; the first stages frozen to keep each epoch short.
+# Two epochs of three batches; the first stages frozen to keep each epoch short. fp32 as tiny_project
+# sets it: the resumed run's params file is written again and must match.
 FT = {"train.fine_tune_epochs": 2, "train.batch_size": 32, "train.vflip": True, "train.freeze_stages": 3,
-      "train.num_threads": 2}
+      "train.num_threads": 2, "train.amp": "off"}
 
 
 def _train_cmd(params: Path, *extra: str) -> list[str]:
