@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEFAULT_PARAMS, write_params
-from tests.helpers import ROOT, make_cifar10_archive, shrunk_params  # noqa: F401  (importable from here too)
 
 # Prefect reads PREFECT_HOME at import: keep its state out of the user's home and the project.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cvpipe-prefect-"))

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from cvpipe.backbones import BACKBONES, PackagedWeights
 from cvpipe.io import file_hash
 from cvpipe.params import TrainParams
-from tasks.backbones import build_model, forward_features, freeze, get_backbone, get_head, stage_modules
+from tasks.backbones import (
+    build_model,
+    forward_features,
+    freeze,
+    get_backbone,
+    get_head,
+    stage_modules,
+)
 from tasks.download import packaged_weights_file, torchvision_weights
 
 NUM_CLASSES = 7

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
@@ -160,7 +159,6 @@ def test_pickled_model_file_is_one_line_naming_it(tmp_path, capsys):
 def test_pickled_backbone_weights_are_one_line(tmp_path, capsys):
     """The backbone weights are loaded by torch.load(weights_only=True) itself: its error is one line
     too, without torch's advice to load the file unsafely."""
-    import torch
 
     from tasks.backbones import build_model
 
@@ -268,7 +266,6 @@ def test_real_bugs_still_show_a_traceback():
 def test_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
     """A tracking server that does not answer fails in seconds, before Prefect or any stage starts."""
     import socket
-    import time
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))

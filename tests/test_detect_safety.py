@@ -29,9 +29,14 @@ from cvpipe.params import Params, apply_overrides, load_params
 from tasks.detect import collect, plan
 from tasks.detect_inputs import list_inputs, plan_inputs
 from tasks.detect_shard import detect_shard
-from tasks.detect_staging import DiskFull, OutputConflict, recover_outputs, staged_outputs
-
+from tasks.detect_staging import (
+    DiskFull,
+    OutputConflict,
+    recover_outputs,
+    staged_outputs,
+)
 from tests.helpers import DEFAULT_PARAMS, ROOT
+
 GB = 1 << 30
 
 

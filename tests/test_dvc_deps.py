@@ -6,13 +6,10 @@ and `cvpipe run` skipping a stage whose output is stale.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 from pydantic import BaseModel
 
 from cvpipe.params import load_params
-
 from tests.helpers import DEFAULT_PARAMS, ROOT
 
 

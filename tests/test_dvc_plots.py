@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from browser import Browser, needs_chromium
+from tests.browser import Browser, needs_chromium
 from tests.helpers import ROOT, clone_project, run_tool
 
 TEMPLATE = ROOT / ".dvc/plots/offline.html"
@@ -88,8 +88,11 @@ def test_dvc_plots_show_renders_every_plot_offline(clone, tmp_path):
         # one drawn line through every epoch: "M x,y" then one "L x,y" per further epoch
         assert any(d and d.count("L") == len(rows) - 1 for d in paths), paths
     srcs = {src: width for src, width in images}
-    for name in ("accuracy.png", "confusion/feature_extractor.png", "confusion/fine_tune.png"):
-        assert any(n.endswith(name) and w > 100 for n, w in srcs.items()), srcs  # decoded, not a broken image
+    # DVC copies each image to static/, its path flattened: outputs/evaluate/confusion/fine_tune.png ->
+    # workspace_outputs_evaluate_confusion_fine_tune.png
+    for name in ("evaluate/accuracy.png", "evaluate/confusion/feature_extractor.png", "evaluate/confusion/fine_tune.png"):
+        flat = name.replace("/", "_")
+        assert any(n.endswith(flat) and w > 100 for n, w in srcs.items()), srcs  # decoded, not a broken image
 
 
 @pytest.mark.slow

@@ -207,7 +207,9 @@ def _run_stage(stage: str, p, item: str | None) -> None:
 
         preprocess(p)
     elif stage == "train":
-        from flows.train import write_run_id  # imported (Prefect's settings read) before the trace began
+        from flows.train import (
+            write_run_id,  # imported (Prefect's settings read) before the trace began
+        )
         from tasks.train import train
 
         train(p, item)

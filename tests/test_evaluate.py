@@ -8,13 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_params
 from cvpipe.io import read_json
 from cvpipe.layout import RUN
 from cvpipe.params import load_params
-from tasks.evaluate import confusion_matrix, evaluate, per_class_accuracy, plot_accuracy, plot_confusion
+from tasks.evaluate import (
+    confusion_matrix,
+    evaluate,
+    per_class_accuracy,
+    plot_accuracy,
+    plot_confusion,
+)
 from tasks.train import train
-from tests.helpers import TINY_CLASSES, tiny_images, tiny_project
+from tests.helpers import TINY_CLASSES, tiny_images, tiny_project, write_params
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -94,7 +99,7 @@ def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
 
     import mlflow.pyfunc
 
-    from conftest import ROOT
+    from tests.helpers import ROOT
 
     client, runs = _runs(p)
     for mode, epochs in modes.items():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cvpipe import layout
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 #: The module dvc.yaml's command runs for each stage (`cvpipe <stage>` -> flows.<stage> -> tasks.<stage>).
 ENTRY = {stage: f"tasks.{stage}" for stage in layout.STAGES}

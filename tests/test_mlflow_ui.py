@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import Browser, needs_chromium
+from tests.browser import Browser, needs_chromium
 from tests.helpers import tiny_project
 
 pytestmark = [pytest.mark.slow, needs_chromium]

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvpipe.params import ParamsError, Params, apply_overrides, load_params, write_overrides
+from cvpipe.params import (
+    Params,
+    ParamsError,
+    apply_overrides,
+    load_params,
+    write_overrides,
+)
 from tests.helpers import DEFAULT_PARAMS, ROOT
 
 

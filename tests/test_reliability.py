@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import DEFAULT_PARAMS, ROOT, tiny_project, write_params
 from cvpipe.io import ChecksumError, CorruptFile, read_json
 from cvpipe.layout import CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
 from tasks.checkpoints import load_classifier
 from tasks.train import train
+from tests.helpers import DEFAULT_PARAMS, ROOT, tiny_project, write_params
 
 # --------------------------------------------------------------------------- kill -9 and resume
 

@@ -243,8 +243,8 @@ def digits_registry(tmp_path_factory):
     from flows.tracking import stage_run
     from flows.train import log_model, write_run_id
     from tasks.download import download_backbone, export_digits
-    from tasks.samples import digit_sample
     from tasks.preprocess import preprocess
+    from tasks.samples import digit_sample
     from tasks.train import train
 
     tmp = tmp_path_factory.mktemp("digits-served")

@@ -12,7 +12,7 @@ import io
 import pytest
 
 from cvpipe.params import load_params
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 pytestmark = pytest.mark.slow
 

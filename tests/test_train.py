@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_CLASSES, tiny_images, tiny_project, write_params
+from cvpipe.backbones import BACKBONES
 from cvpipe.io import read_json
 from cvpipe.layout import AMP_CHOICE, CHECKPOINT, HISTORY, MODEL, TRAIN_METRICS
 from cvpipe.params import load_params
-from cvpipe.backbones import BACKBONES
 from tasks.backbones import (
     build_architecture,
     build_model,
@@ -27,6 +26,7 @@ from tasks.engine import epoch_generator, train_one_epoch
 from tasks.runtime import Runtime, autocast_dtype, resolve_device
 from tasks.train import train
 from tasks.transforms import flip_variants, prepare_batch, random_flips
+from tests.helpers import TINY_CLASSES, tiny_images, tiny_project, write_params
 
 CPU = Runtime(torch.device("cpu"), None, False)
 

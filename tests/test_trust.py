@@ -27,11 +27,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, write_params
 
 from cvpipe.errors import user_facing
 from cvpipe.params import load_params
-from tests.helpers import TINY_CLASSES, tiny_images, tiny_project
+from tests.helpers import ROOT, TINY_CLASSES, tiny_images, tiny_project, write_params
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 MODE = "feature_extractor"
