@@ -66,7 +66,16 @@ def _audit(event: str, args: tuple) -> None:
         pass
 
 
-sys.addaudithook(_audit)
+_HOOKED = False
+
+
+def _install_hook() -> None:
+    """Add the audit hook once per process, when a trace first starts: a hook cannot be removed,
+    so a session that only collects this module (the fast suite) must not pay it on every open()."""
+    global _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED = True
 
 
 class _Recorder:
@@ -97,6 +106,7 @@ class Trace:
 
     def __enter__(self):
         global _TRACE
+        _install_hook()
         _TRACE = {"read": self.reads, "write": self.writes}
         return self
 
