@@ -43,11 +43,11 @@ STAGE_FLOWS = ("download", "preprocess", "train", "evaluate", "detect", "detect-
 TINY_DAG = {"train.image_size": 32, "train.epochs": 2, "train.fine_tune_epochs": 1}
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: the virtualenv on PATH, no Prefect or cvpipe settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CVPIPE_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return {**env, **extra}
 
 
 def clone(dest: Path) -> Path:
@@ -74,10 +74,10 @@ def clone(dest: Path) -> Path:
     return dest
 
 
-def _run(cwd: Path, *args: str, timeout: float = 3600) -> float:
+def _run(cwd: Path, *args: str, timeout: float = 3600, env: dict[str, str] | None = None) -> float:
     """Run a command as a user would; returns its wall time (s). Raises with its output on failure."""
     t0 = time.perf_counter()
-    r = subprocess.run(list(args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(list(args), cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     if r.returncode:
         raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -149,25 +149,40 @@ def stage_bodies(project: Path) -> list[dict[str, Any]]:
     return out
 
 
+#: The two ways a stage command runs: in a fork of the project's preload process (the default), or
+#: as a process of its own that imports everything itself (``CVPIPE_PRELOAD=off``).
+STAGE_MODES = {"preload": {}, "own process": {"CVPIPE_PRELOAD": "off"}}
+
+
 def bench_stage(work: Path, repeats: int) -> dict[str, Any]:
-    """``cvpipe preprocess`` ``repeats`` times with the persistent server: overhead per stage process."""
+    """``cvpipe preprocess`` ``repeats`` times per mode, the modes interleaved (A B A B ...), with the
+    persistent server (and preload process) started beforehand: overhead per stage command."""
     project = clone(work / "stage")
+    walls: dict[str, list[float]] = {m: [] for m in STAGE_MODES}
     try:
         _write_profile(project, {})
-        _run(project, str(BIN / "cvpipe"), "download")  # preprocess's input (and the server's first start)
+        _run(project, str(BIN / "cvpipe"), "download")  # preprocess's input (and the servers' first start)
         _run(project, str(BIN / "cvpipe"), "server", "start")
-        walls = [_run(project, str(BIN / "cvpipe"), "preprocess") for _ in range(repeats)]
-        runs = [s for s in stage_bodies(project) if s["name"] == "preprocess"][-repeats:]
+        for _ in range(repeats):
+            for mode, extra in STAGE_MODES.items():
+                walls[mode].append(_run(project, str(BIN / "cvpipe"), "preprocess", env=_env(**extra)))
+        runs = [s for s in stage_bodies(project) if s["name"] == "preprocess"][-repeats * len(STAGE_MODES):]
     finally:
         _stop_server(project)
-    bodies, flows = [s["body_s"] for s in runs], [s["flow_s"] for s in runs]
-    return {"runs": repeats, "walls_s": walls, "bodies_s": bodies, "flows_s": flows,
-            "median_wall_s": statistics.median(walls), "median_body_s": statistics.median(bodies),
-            # wall - task body: everything around the stage's work
-            "median_overhead_s": statistics.median(w - b for w, b in zip(walls, bodies)),
-            # wall - flow run: process start, imports, checks, lock and server connection only
-            # (the rest, inside the flow run, is Prefect's run bookkeeping and MLflow's run)
-            "median_process_overhead_s": statistics.median(w - f for w, f in zip(walls, flows))}
+    out: dict[str, Any] = {"runs": repeats, "order": "interleaved"}
+    for i, mode in enumerate(STAGE_MODES):
+        mine = runs[i::len(STAGE_MODES)]
+        bodies, flows, w = [s["body_s"] for s in mine], [s["flow_s"] for s in mine], walls[mode]
+        out[mode] = {"walls_s": w, "bodies_s": bodies, "flows_s": flows,
+                     "median_wall_s": statistics.median(w), "median_body_s": statistics.median(bodies),
+                     # wall - task body: everything around the stage's work
+                     "median_overhead_s": statistics.median(a - b for a, b in zip(w, bodies)),
+                     "overhead_range_s": [min(a - b for a, b in zip(w, bodies)), max(a - b for a, b in zip(w, bodies))],
+                     # wall - flow run: process start, imports, checks, lock and server connection only
+                     # (the rest, inside the flow run, is Prefect's run bookkeeping and MLflow's run)
+                     "median_process_overhead_s": statistics.median(a - f for a, f in zip(w, flows))}
+    out["median_overhead_s"] = out["preload"]["median_overhead_s"]
+    return out
 
 
 def _write_profile(project: Path, extra: dict[str, Any]) -> None:
@@ -195,18 +210,25 @@ def bench_dvc_repro(work: Path, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_quickstart(work: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """``cvpipe run --profile offline`` on a fresh copy: the share of its wall time outside stage bodies."""
+    """``cvpipe run --profile offline`` on a fresh copy (its first command: the Prefect server's first
+    start and database migrations included), then ``cvpipe run --force`` again in the same copy (the
+    server and the preload process running, as for every later run): the share of each wall time
+    outside stage bodies."""
     project = clone(work / "quickstart")
     sets = [a for k, v in extra.items() for a in ("--set", f"{k}={v}")]
+    out: dict[str, Any] = {}
     try:
-        wall = _run(project, str(BIN / "cvpipe"), "run", "--profile", "offline", *sets)
-        stages = stage_bodies(project)
+        for key, args in (("fresh", ("--profile", "offline", *sets)), ("again", ("--force",))):
+            before = len(stage_bodies(project)) if key != "fresh" else 0
+            wall = _run(project, str(BIN / "cvpipe"), "run", *args)
+            stages = stage_bodies(project)[before:]
+            busy = _union([iv for s in stages for iv in s["intervals"]])
+            out[key] = {"wall_s": wall, "stages": {s["name"]: round(s["body_s"], 2) for s in stages},
+                        "bodies_union_s": busy, "bodies_sum_s": sum(s["body_s"] for s in stages),
+                        "orchestration_share": (wall - busy) / wall}
     finally:
         _stop_server(project)
-    busy = _union([iv for s in stages for iv in s["intervals"]])
-    return {"wall_s": wall, "stages": {s["name"]: round(s["body_s"], 2) for s in stages},
-            "bodies_union_s": busy, "bodies_sum_s": sum(s["body_s"] for s in stages),
-            "orchestration_share": (wall - busy) / wall}
+    return {**out["fresh"], "again": out["again"]}
 
 
 def run_all(work: Path, repeats: int, tiny: bool) -> dict[str, Any]:

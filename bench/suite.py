@@ -505,11 +505,16 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     d = results.get("orchestration")
     if d:
         st, dv, qs = d["stage"], d["dvc_repro"], d["quickstart"]
-        rows.append([f"d. orchestration, persistent Prefect server: `cvpipe preprocess` x {st['runs']}",
-                     "overhead s per stage process (median wall - body)", "",
-                     f"{st['median_overhead_s']:.2f}", f"wall {st['median_wall_s']:.2f} s, body "
-                     f"{st['median_body_s']:.3f} s, outside the flow run {st['median_process_overhead_s']:.2f} s",
-                     "<= 2 s", "met" if st["median_overhead_s"] <= 2 else "missed"])
+        title = f"d. orchestration, persistent Prefect server: `cvpipe preprocess` x {st['runs']} per mode, interleaved"
+        for mode in ("preload", "own process"):
+            m = st[mode]
+            target = mode == "preload"
+            rows.append([title, f"overhead s per stage command (median wall - body), {mode}", "",
+                         f"{m['median_overhead_s']:.2f}", f"range {m['overhead_range_s'][0]:.2f} to "
+                         f"{m['overhead_range_s'][1]:.2f}; wall {m['median_wall_s']:.2f} s, body "
+                         f"{m['median_body_s']:.3f} s, outside the flow run {m['median_process_overhead_s']:.2f} s",
+                         "<= 2 s" if target else "", ("met" if m["median_overhead_s"] <= 2 else "missed") if target else ""])
+            title = ""
         rows.append([f"cold `dvc repro` of the {d['dag']} DAG ({len(dv['stages'])} stage processes)",
                      "overhead s (wall - sum of bodies)", "", f"{dv['overhead_s']:.1f}",
                      f"wall {dv['wall_s']:.0f} s, bodies {dv['bodies_s']:.0f} s, "
@@ -517,6 +522,11 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         rows.append([f"quickstart `cvpipe run --profile offline` ({d['dag']} DAG)", "share of wall outside stage bodies",
                      "", f"{qs['orchestration_share']:.1%}", f"wall {qs['wall_s']:.0f} s", "<= 10%",
                      "met" if qs["orchestration_share"] <= 0.10 else "missed"])
+        if "again" in qs:
+            ag = qs["again"]
+            rows.append(["the same, run again (`cvpipe run --force`: server and preload process running)",
+                         "share of wall outside stage bodies", "", f"{ag['orchestration_share']:.1%}",
+                         f"wall {ag['wall_s']:.0f} s", "<= 10%", "met" if ag["orchestration_share"] <= 0.10 else "missed"])
         fl = d.get("flow")
         if fl:
             rows.append(["Prefect flow + 1 task, trivial body, in one process", "overhead s per flow run: first / warm",

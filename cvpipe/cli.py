@@ -32,6 +32,7 @@ from cvpipe.cli_support import (
     SetOpt,
     check_params,
     connect_prefect,
+    flow_modules,
     fail,
     parse_overrides,
     profile_overrides,
@@ -142,7 +143,7 @@ def run(
                 fail(f"error: {one_line(str(err))}", 2)
             typer.echo(f"params: wrote {', '.join(f'{k}={v}' for k, v in ov.items())} into {params}")
             check_params(params, {})
-        api_url = connect_prefect()
+        api_url = connect_prefect(meanwhile=("flows.pipeline", *flow_modules(), "mlflow", "dvc.repo"), params=params)
         from flows.pipeline import headline, pipeline_flow
 
         t0 = time.perf_counter()
@@ -169,7 +170,7 @@ def serve(
     command works in the project fails at once, naming it); serving itself holds no lock.
     """
     check_params(params, {})
-    api_url = connect_prefect()
+    api_url = connect_prefect(meanwhile=("flows.pipeline",))
     from prefect import serve as prefect_serve
 
     from flows.pipeline import pipeline_deployment
@@ -220,7 +221,7 @@ def sweep(
     for b in names:
         check_params(params, {**ov, "train.backbone": b})
     with project_lock():
-        connect_prefect()
+        connect_prefect(meanwhile=("flows.sweep", *flow_modules(), "mlflow"))
         from cvpipe.compare import format_table, run_row
         from cvpipe.params import load_params
         from flows.sweep import backbone_overrides, sweep_flow

@@ -1,5 +1,5 @@
 """``cvpipe server start|status|stop``: the project's persistent Prefect server
-(:mod:`cvpipe.prefect_server`)."""
+(:mod:`cvpipe.prefect_server`) and its preload process (:mod:`cvpipe.preload`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import typer
 from cvpipe.cli_support import fail
 
 app = typer.Typer(
-    help="The project's persistent Prefect server: run history and the Prefect UI (127.0.0.1, database "
-         "in .prefect/). Commands that run flows start it when needed.",
+    help="The project's persistent Prefect server (run history and the Prefect UI; 127.0.0.1, database "
+         "in .prefect/) and its preload process (keeps the libraries loaded, so a stage command starts in "
+         "a fraction of a second). Commands that run flows start both when needed.",
     no_args_is_help=True,
 )
 
@@ -37,13 +38,37 @@ def server_start(
     """Start the project's Prefect server unless it already runs; print where its UI is."""
     from cvpipe.prefect_server import ServerError, log_path, start
 
-    if _user_server_note():
+    if not _user_server_note():
+        try:
+            state = start(port=port, say=lambda line: typer.echo(line, err=True))
+        except ServerError as err:
+            fail(str(err), 1)
+        typer.echo(f"Prefect server: {state.ui_url} (pid {state.pid}; API {state.url}; log {log_path()})")
+    _preload_start()
+
+
+def _preload_start() -> None:
+    from cvpipe import preload
+
+    if not preload.enabled():
+        typer.echo(f"preload process: off ({preload.MODE_VAR}=off)")
         return
-    try:
-        state = start(port=port, say=lambda line: typer.echo(line, err=True))
-    except ServerError as err:
-        fail(str(err), 1)
-    typer.echo(f"Prefect server: {state.ui_url} (pid {state.pid}; API {state.url}; log {log_path()})")
+    root = preload.project_root()
+    if preload.start(root, say=lambda line: typer.echo(line, err=True)):
+        _preload_status(root)
+
+
+def _preload_status(root) -> bool:
+    from cvpipe import preload
+
+    info = preload.status(root)
+    if info is None:
+        typer.echo("preload process: not running (the next stage command starts it)")
+        return False
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+    typer.echo(f"preload process: pid {info['pid']}, since {since}, {info['served']} command(s) run, "
+               f"{info['running']} running (log {preload.log_path(root)})")
+    return True
 
 
 @app.command("status")
@@ -51,31 +76,39 @@ def server_status() -> None:
     """Whether the project's Prefect server runs, and its URL (exit code 1 when it does not)."""
     from cvpipe.prefect_server import log_path, prefect_home, status
 
+    from cvpipe import preload
+
+    root = preload.project_root()
     if _user_server_note():
+        _preload_status(root)
         return
     state, why = status()
     if why is None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.started))
         typer.echo(f"Prefect server: {state.ui_url} (pid {state.pid}, since {since}; API {state.url}; "
                    f"database in {prefect_home()}; log {log_path()})")
+        _preload_status(root)
         return
     typer.echo(f"Prefect server: not running ({why}); the next command that runs a flow, or "
                "`cvpipe server start`, starts it")
+    _preload_status(root)
     raise typer.Exit(1)
 
 
 @app.command("stop")
 def server_stop() -> None:
-    """Stop the project's Prefect server (its run history stays in .prefect/)."""
+    """Stop the project's Prefect server (its run history stays in .prefect/) and its preload process."""
+    from cvpipe import preload
     from cvpipe.prefect_server import ServerError, stop
 
-    if _user_server_note():
-        return
-    try:
-        state = stop()
-    except ServerError as err:
-        fail(str(err), 1)
-    typer.echo(f"Prefect server stopped (pid {state.pid}, {state.ui_url})" if state else
-               "Prefect server: none running")
-
-
+    info = preload.stop(preload.project_root())
+    said = "preload process stopped (pid {pid})".format(**info) if info else "preload process: none running"
+    if not _user_server_note():
+        try:
+            state = stop()
+        except ServerError as err:
+            typer.echo(said)
+            fail(str(err), 1)
+        typer.echo(f"Prefect server stopped (pid {state.pid}, {state.ui_url})" if state else
+                   "Prefect server: none running")
+    typer.echo(said)

@@ -132,15 +132,64 @@ def run_flow(flow_fn, params: Path, **kwargs) -> Any:
         raise typer.Exit(1) from None
 
 
-def connect_prefect() -> str | None:
-    """Point this process at the project's Prefect server, starting it if needed (before Prefect is
-    imported); see :mod:`cvpipe.prefect_server`. Returns its API URL (None: Prefect's temporary server)."""
+def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
+                    overrides: dict[str, Any] | None = None) -> str | None:
+    """Point this process at the project's Prefect server, starting it if needed; see
+    :mod:`cvpipe.prefect_server`. Returns its API URL (None: Prefect's temporary server).
+
+    The modules named in ``meanwhile`` are imported while that happens: a server's start (seconds,
+    mostly waiting for another process) and the imports a flow needs (seconds of this one's CPU)
+    overlap instead of adding up. With ``params``, the MLflow store is opened meanwhile too (a new
+    store creates its tables first); an error there is left for the stage to report in context.
+    """
+    import importlib
+    import threading
+
+    from cvpipe.prefect_home import refresh_prefect
     from cvpipe.prefect_server import ServerError, connect
 
+    outcome: dict[str, Any] = {}
+
+    def connecting() -> None:
+        try:
+            outcome["url"] = connect(say=lambda line: typer.echo(line, err=True), refresh=False)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=connecting, name="cvpipe-connect", daemon=True)
+    thread.start()
     try:
-        return connect(say=lambda line: typer.echo(line, err=True))
-    except ServerError as err:
+        for name in meanwhile:
+            importlib.import_module(name)
+        if params is not None:
+            _open_tracking(params, overrides or {})
+    finally:
+        thread.join()
+    refresh_prefect()
+    err = outcome.get("error")
+    if isinstance(err, ServerError):
         fail(str(err), 1)
+    if err is not None:
+        raise err
+    return outcome.get("url")
+
+
+def _open_tracking(params: Path, overrides: dict[str, Any]) -> None:
+    from cvpipe.errors import UserError
+    from cvpipe.params import ParamsError, load_params
+    from flows.tracking import configure
+
+    try:
+        configure(load_params(params, overrides))
+    except (UserError, ParamsError, OSError):
+        pass
+
+
+def flow_modules(*stages: str) -> tuple[str, ...]:
+    """The flow modules of ``stages`` (all stages when none are named), for :func:`connect_prefect`."""
+    from cvpipe.layout import STAGES
+
+    return tuple(f"flows.{s.partition('@')[0]}" for s in (stages or STAGES))
 
 
 def run_stage(stage: str, params: Path, set_: list[str] | None, **kwargs) -> Any:
@@ -148,7 +197,7 @@ def run_stage(stage: str, params: Path, set_: list[str] | None, **kwargs) -> Any
     ov = parse_overrides(set_)
     check_params(params, ov)
     with project_lock():
-        connect_prefect()
+        connect_prefect(meanwhile=(*flow_modules(stage), "mlflow"), params=params, overrides=ov)
         return run_flow(stage_flow(stage), params, overrides=ov or None, **kwargs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,18 @@ def prepare_env(root: str | Path = ".") -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ[PROJECT_VAR] = str(root)
     os.environ[OWNER_VAR] = owner_mark(os.getpid())
+    refresh_prefect()
+
+
+def refresh_prefect() -> None:
+    """Make an already imported Prefect read its settings from the environment again.
+
+    Prefect reads them when it is imported; a child of the preload process (:mod:`cvpipe.preload`)
+    has it imported before its command sets ``PREFECT_HOME`` or ``PREFECT_API_URL``.
+    """
+    context = sys.modules.get("prefect.context")
+    if context is not None:
+        context.refresh_global_settings_context()
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -433,10 +433,11 @@ def user_api_url() -> str | None:
     return None
 
 
-def connect(say: Callable[[str], None] = print) -> str | None:
+def connect(say: Callable[[str], None] = print, refresh: bool = True) -> str | None:
     """Point this process (and the processes it starts) at the project's server, starting it if needed.
 
-    Must run before Prefect is imported (Prefect reads its settings at import). Nothing is done
+    Prefect reads its settings at import: run this first, or (in a child of the preload process,
+    where Prefect is loaded already) it makes Prefect read them again. Nothing is done
     when the user set ``PREFECT_API_URL`` or chose ``CVPIPE_PREFECT_SERVER=temporary``.
 
     Returns:
@@ -449,4 +450,8 @@ def connect(say: Callable[[str], None] = print) -> str | None:
     state = start(say=say)
     os.environ["PREFECT_API_URL"] = state.url
     os.environ[CONNECTED_VAR] = state.url
+    if refresh:  # False when another thread may be importing Prefect right now: the caller refreshes
+        from cvpipe.prefect_home import refresh_prefect
+
+        refresh_prefect()
     return state.url

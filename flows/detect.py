@@ -15,6 +15,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cvpipe.layout import DETECT_METRICS, DETECT_SUMMARY, FAILURES
 from cvpipe.params import DetectParams, Params, load_params
+from flows import subflows
 from flows.tracking import flatten, stage_run
 from tasks.detect import collect, plan
 from tasks.detect_shard import ShardResult, detect_shard
@@ -73,7 +74,8 @@ def detect_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | No
     p = load_params(params_file, overrides)
     with stage_run(p, "detect") as run:
         with staged_outputs(p.paths.detect) as staging:
-            results = detect_shards.with_options(task_runner=task_runner(p.detect))(p, staging)
+            with subflows():
+                results = detect_shards.with_options(task_runner=task_runner(p.detect))(p, staging)
             summary = collect_task(p, results, staging)
         run.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
         run.log_artifact(p.paths.detect / DETECT_METRICS)

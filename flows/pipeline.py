@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
-from flows import stage_flow
+from flows import stage_flow, subflows
 from flows.dvc_sync import DvcSync
 
 _TRAIN_SLOTS: dict[str, threading.Semaphore] = {}
@@ -51,7 +51,8 @@ def run_stage(stage: str, params_file: str, force: bool, device: str) -> dict[st
         slot.acquire()
     try:
         t0 = time.perf_counter()
-        result = fn(params_file=params_file, **kwargs)
+        with subflows():
+            result = fn(params_file=params_file, **kwargs)
         seconds = time.perf_counter() - t0
     finally:
         if slot:

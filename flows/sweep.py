@@ -24,6 +24,7 @@ from prefect import flow, task
 
 from cvpipe.io import atomic_write_text
 from cvpipe.params import Params, load_params
+from flows import subflows
 from flows.run_tags import extra_tags
 from flows.tracking import stage_run
 
@@ -50,7 +51,7 @@ def sweep_backbone(params_file: str, backbone: str, overrides: dict[str, Any], m
     from flows.train import train_flow
 
     t0 = time.perf_counter()
-    with extra_tags({"sweep": sweep_id, "backbone": backbone}):
+    with extra_tags({"sweep": sweep_id, "backbone": backbone}), subflows():
         download_flow(params_file=params_file, overrides=overrides)
         if prepare_data:
             preprocess_flow(params_file=params_file, overrides=overrides)

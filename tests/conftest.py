@@ -17,6 +17,8 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # CLI processes the tests start use Prefect's temporary server (stopped when they exit), as they
 # did before the persistent one; tests/test_prefect_server.py starts and stops persistent ones itself.
 os.environ.setdefault("CVPIPE_PREFECT_SERVER", "temporary")
+# ... and run each in its own process: tests/test_preload.py tests the preload process itself.
+os.environ.setdefault("CVPIPE_PRELOAD", "off")
 
 
 def _persistent_servers_under(folder: str) -> list[int]:
@@ -35,6 +37,19 @@ def _persistent_servers_under(folder: str) -> list[int]:
     return found
 
 
+def _preload_processes_under(folder: str) -> list[int]:
+    """Pids of cvpipe preload processes (``python -P -m cvpipe.preload serve ROOT``) with ROOT under ``folder``."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "cvpipe.preload" in argv and argv[-2:-1] and argv[-2].startswith(folder):
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_prefect_server_left(tmp_path_factory):
     """The suite ends with no persistent Prefect server of a test project running: any left under the
@@ -44,14 +59,15 @@ def no_prefect_server_left(tmp_path_factory):
     import signal
     import warnings
 
-    left = _persistent_servers_under(base)
+    left = _persistent_servers_under(base) + _preload_processes_under(base)
     for pid in left:
         try:
             os.killpg(pid, signal.SIGTERM)
         except OSError:
             pass
     if left:
-        warnings.warn(f"stopped Prefect servers left running by tests: pids {left}", stacklevel=1)
+        warnings.warn(f"stopped Prefect servers and preload processes left running by tests: pids {left}",
+                      stacklevel=1)
 
 
 @pytest.fixture(scope="session")

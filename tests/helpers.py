@@ -118,6 +118,21 @@ def run_tool(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+def flow_runs(api_url: str) -> list:
+    """Every flow run the Prefect server at ``api_url`` knows, read with Prefect's own client."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs()
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
+
+
 def clone_project(dest: Path) -> Path:
     """Copy the tracked files of the project into a fresh git repository (a stand-in for a fresh clone)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()

@@ -26,6 +26,7 @@ from tests.helpers import ROOT, shrunk_params, write_params
 
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CVPIPE_"))}
+ENV["CVPIPE_PRELOAD"] = "off"  # every command in its own process (tests/test_preload.py tests the other way)
 ENV["PYTHONPATH"] = str(ROOT)
 
 

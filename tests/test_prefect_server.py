@@ -7,7 +7,6 @@ leaves no server running. Reuse is shown by process ids and URLs, never by timin
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cvpipe.prefect_server import STATE_FILE, TOKEN_VAR, read_state
-from tests.helpers import ROOT, write_params
+from tests.helpers import ROOT, flow_runs, write_params
 
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")
 # No PREFECT_* or CVPIPE_* from the test session: the project's own .prefect, the persistent server.
@@ -51,19 +50,6 @@ def _get(url: str, timeout: float = 5.0):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def _flow_runs(api_url: str) -> list:
-    """Every flow run the server at ``api_url`` knows, read with Prefect's own client."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_runs()
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        return asyncio.run(read())
 
 
 @pytest.fixture
@@ -128,7 +114,7 @@ def test_cli_processes_reuse_the_server_a_killed_one_is_replaced_and_every_run_i
     assert read_state(project / ".prefect") == a  # the second process reused the first one's server
     assert "replacing" not in second.stderr
 
-    runs = _flow_runs(a.url)
+    runs = flow_runs(a.url)
     assert [r.name for r in runs] == ["preprocess", "preprocess"]  # stable names, not random words
     assert len({r.id for r in runs}) == 2 and all(r.state.is_completed() for r in runs)
 
@@ -143,7 +129,7 @@ def test_cli_processes_reuse_the_server_a_killed_one_is_replaced_and_every_run_i
     assert notices == [f"cvpipe: replacing the project's Prefect server (its process (pid {a.pid}) is gone)"]
     b = read_state(project / ".prefect")
     assert b.pid != a.pid and _alive(b.pid)
-    runs = _flow_runs(b.url)
+    runs = flow_runs(b.url)
     assert [r.name for r in runs] == ["preprocess"] * 3  # the history survived the replacement
 
 
@@ -171,7 +157,7 @@ def test_dvc_repro_stages_use_the_projects_server(tmp_path):
         assert first is not None and _alive(first.pid)
         repro("--force")
         assert read_state(repo / ".prefect") == first  # the second stage process reused the server
-        assert [run.name for run in _flow_runs(first.url)] == ["preprocess", "preprocess"]
+        assert [run.name for run in flow_runs(first.url)] == ["preprocess", "preprocess"]
     finally:
         _cvpipe(repo, "server", "stop", timeout=120)
 
@@ -219,7 +205,8 @@ def test_a_port_taken_by_another_program_is_one_line_never_a_hang(project):
         assert r.returncode == 1
         assert r.stdout.strip().splitlines() == [
             f"Prefect server: not running (port {port} now answers for another program); the next command "
-            "that runs a flow, or `cvpipe server start`, starts it"]
+            "that runs a flow, or `cvpipe server start`, starts it",
+            "preload process: not running (the next stage command starts it)"]
     finally:
         impostor.shutdown()
         impostor.server_close()
@@ -241,12 +228,15 @@ def test_a_corrupted_database_is_moved_aside_in_one_line(project):
 
 
 def test_a_users_prefect_api_url_is_left_alone(project):
-    env = {**ENV, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    for cmd in ("start", "status", "stop"):
+    env = {**ENV, "PREFECT_API_URL": "http://127.0.0.1:9/api", "CVPIPE_PRELOAD": "off"}
+    for cmd, preload_line in (("start", "off (CVPIPE_PRELOAD=off)"),
+                              ("status", "not running (the next stage command starts it)"),
+                              ("stop", "none running")):
         r = _cvpipe(project, "server", cmd, env=env, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == ("PREFECT_API_URL is set (http://127.0.0.1:9/api, does not answer): "
-                                    "cvpipe uses it and starts or stops no server")
+        assert r.stdout.strip().splitlines() == [
+            "PREFECT_API_URL is set (http://127.0.0.1:9/api, does not answer): cvpipe uses it and starts or "
+            "stops no server", f"preload process: {preload_line}"]
     assert not (project / ".prefect" / STATE_FILE).exists()
 
 

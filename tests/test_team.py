@@ -268,6 +268,7 @@ def test_dvc_remote_on_s3_second_clone_pulls_and_reproduces_nothing(shared_remot
 def _prefect_env() -> dict[str, str]:
     """The project's own persistent Prefect server (no PREFECT_* or CVPIPE_* from the test session)."""
     env = {k: v for k, v in _env().items() if not k.startswith(("PREFECT_", "CVPIPE_"))}
+    env["CVPIPE_PRELOAD"] = "off"
     env["CVPIPE_PREFECT_STARTUP_TIMEOUT"] = "300"
     return env
 
