@@ -212,7 +212,7 @@ def bench_dvc_repro(work: Path, extra: dict[str, Any]) -> dict[str, Any]:
 def bench_quickstart(work: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """``cvpipe run --profile offline`` on a fresh copy (its first command: the Prefect server's first
     start and database migrations included), then ``cvpipe run --force`` again in the same copy (the
-    server and the preload process running, as for every later run): the share of each wall time
+    server and the preload process running and ready, as for a later run): the share of each wall time
     outside stage bodies."""
     project = clone(work / "quickstart")
     sets = [a for k, v in extra.items() for a in ("--set", f"{k}={v}")]
