@@ -87,6 +87,8 @@ WARM_MODULES = ("cvpipe.cli", "cvpipe.cli_support", "cvpipe.predict", "cvpipe.co
                 "prefect.artifacts", "prefect.task_runners", "matplotlib.pyplot", "PIL.Image", "tqdm")
 
 _HEADER = struct.Struct("!Q")
+#: What a client relays to its child.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Set in a child once its command has ended: the client leaving after that is no reason to stop it.
 _FINISHED = threading.Event()
 
@@ -334,8 +336,11 @@ def _run(argv: list[str]) -> int | None:
     path = socket_path(root)
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         return None
+    # Signals this process ignores (``nohup``, a background job of a script) stay ignored in the child.
+    ignored = [int(sig) for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
     request = {"op": "run", "argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(os.environ),
-               "umask": _umask(), "executable": sys.executable, "path": sys.path, "client": os.getpid()}
+               "umask": _umask(), "executable": sys.executable, "path": sys.path, "client": os.getpid(),
+               "ignored_signals": ignored}
     for _ in range(2):  # a stale preload process exits; the second round starts a new one
         s = _connect(path)
         if s is None:
@@ -359,18 +364,18 @@ def _run(argv: list[str]) -> int | None:
             except OSError:
                 reply = None
             if reply is not None and reply.get("started"):
-                return _relay(s)
+                return _relay(s, [sig for sig in FORWARDED if int(sig) not in ignored])
         # Stale (it predates a change of libraries or settings, and exits) or gone: start another.
     return None
 
 
-def _relay(s: socket.socket) -> int:
-    """Forward this client's signals to the child until it reports its exit code."""
+def _relay(s: socket.socket, signals: list[signal.Signals]) -> int:
+    """Forward this client's ``signals`` to the child until it reports its exit code."""
     def forward(signum, _frame):
         with contextlib.suppress(OSError):
             _send(s, {"signal": signum})
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in signals:
         signal.signal(sig, forward)
     while True:
         try:
@@ -558,7 +563,12 @@ def _child(conn: socket.socket, request: dict, fds: list[int], listener, others)
         listener.close()
         for other in others:
             other.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # The client's dispositions, not the preload process's (which may have been started ignoring
+        # SIGINT, by a background job): Ctrl-C is a KeyboardInterrupt unless the client ignores it.
+        ignored = set(request.get("ignored_signals", []))
+        for sig in FORWARDED:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if int(sig) in ignored else default)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)
@@ -641,7 +651,7 @@ def _watch_client(conn: socket.socket) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return
         sig = msg.get("signal")
-        if isinstance(sig, int) and sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if isinstance(sig, int) and sig in FORWARDED:
             os.kill(os.getpid(), sig)
 
 

@@ -198,28 +198,36 @@ def test_signals_reach_the_child_and_a_killed_client_takes_it_along(project):
     assert _cvpipe(project, "preprocess").returncode == 0
     _wait_ready(project)
 
-    def start_training():
-        proc = subprocess.Popen([CVPIPE, "train", "--mode", "fine_tune", "--set", "train.fine_tune_epochs=30"],
-                                cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+    def start_training(n: int):
+        err_file = project / f"train-{n}.err"
+        # As a command typed at a terminal: Ctrl-C not ignored, whatever this test process inherited
+        # (a script's background job starts with SIGINT ignored).
+        with open(err_file, "w") as err:
+            proc = subprocess.Popen([CVPIPE, "train", "--mode", "fine_tune", "--set", "train.fine_tune_epochs=30"],
+                                    cwd=project, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (
+                len(trainings) > n and "fine_tune 1/30" in err_file.read_text(errors="replace")):
             mine = [p for p, c in _served(project) if c.startswith("train")]
-            if len(mine) == len(trainings) + 1:
+            if len(mine) == n + 1 and len(trainings) == n:
                 trainings.append(mine[-1])
-                break
             time.sleep(0.1)
-        time.sleep(6)  # well inside the first epoch
-        return proc
+        assert len(trainings) == n + 1, "the preload process did not run the training"
+        assert "fine_tune 1/30" in err_file.read_text(errors="replace"), "the training did not start"
+        assert proc.poll() is None, "the training ended before the signal"
+        return proc, err_file
 
     trainings: list[int] = []
-    proc = start_training()
+    proc, err_file = start_training(0)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = err_file.read_text(errors="replace")
     assert proc.returncode == 130, err[-2000:]
     assert "aborted by an interrupt signal" in err
     assert not preload._pid_alive(trainings[0])
 
-    proc = start_training()
+    proc, _ = start_training(1)
     proc.kill()  # kill -9: nothing is forwarded; the child notices its client is gone
     proc.wait()
     deadline = time.monotonic() + 30
