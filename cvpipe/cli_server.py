@@ -12,8 +12,8 @@ from cvpipe.cli_support import fail
 
 app = typer.Typer(
     help="The project's persistent Prefect server (run history and the Prefect UI; 127.0.0.1, database "
-         "in .prefect/) and its preload process (keeps the libraries loaded, so a stage command starts in "
-         "a fraction of a second). Commands that run flows start both when needed.",
+         "in .prefect/) and its preload process (keeps the libraries loaded, so a stage command does not "
+         "import them again). Commands that run flows start both when needed.",
     no_args_is_help=True,
 )
 
