@@ -139,8 +139,9 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
 
     The modules named in ``meanwhile`` are imported while that happens: a server's start (seconds,
     mostly waiting for another process) and the imports a flow needs (seconds of this one's CPU)
-    overlap instead of adding up. With ``params``, the MLflow store is opened meanwhile too (a new
-    store creates its tables first); an error there is left for the stage to report in context.
+    overlap instead of adding up. With ``params``, while the server is still starting, the MLflow
+    store is opened too (a new store creates its tables first); an error there is left for the stage
+    to report in context.
     """
     import importlib
     import threading
@@ -161,7 +162,7 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
     try:
         for name in meanwhile:
             importlib.import_module(name)
-        if params is not None:
+        if params is not None and thread.is_alive():  # only worth it while the server is starting
             _open_tracking(params, overrides or {})
     finally:
         thread.join()

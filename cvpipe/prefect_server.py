@@ -146,7 +146,10 @@ def serves_home(url: str, home: Path, timeout: float = PROBE_TIMEOUT_S) -> bool:
     return Path(str(settings["home"])).expanduser().resolve() == home.resolve()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; neither does pid 0 or below)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,7 +165,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_ours(state: ServerState) -> bool:
     """The recorded process still runs and is the server we started (its environment holds our token)."""
-    if not _pid_alive(state.pid):
+    if not pid_alive(state.pid):
         return False
     try:
         env = Path(f"/proc/{state.pid}/environ").read_bytes().split(b"\0")
@@ -296,10 +299,10 @@ def _kill_group(pid: int, timeout_s: float = 10.0) -> bool:
                 return False
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return True
             time.sleep(0.1)
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def _start(home: Path, port: int | None, say: Callable[[str], None]) -> ServerState:

@@ -53,6 +53,8 @@ import threading
 import time
 from pathlib import Path
 
+from cvpipe.prefect_server import pid_alive
+
 MODE_VAR = "CVPIPE_PRELOAD"
 IDLE_VAR = "CVPIPE_PRELOAD_IDLE_S"
 STARTUP_VAR = "CVPIPE_PRELOAD_STARTUP_TIMEOUT"
@@ -232,19 +234,9 @@ def stop(root: Path, timeout_s: float = 30.0) -> dict | None:
     if reply is None:
         return None
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(reply.get("pid", 0)):
+    while time.monotonic() < deadline and pid_alive(reply.get("pid", 0)):
         time.sleep(0.05)
     return reply
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @contextlib.contextmanager
@@ -265,7 +257,7 @@ def _starting_pid(root: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"cvpipe.preload" in cmdline and _pid_alive(pid) else None
+    return pid if b"cvpipe.preload" in cmdline and pid_alive(pid) else None
 
 
 def start(root: Path, wait: bool = True, say=lambda line: print(line, file=sys.stderr),
@@ -301,7 +293,7 @@ def start(root: Path, wait: bool = True, say=lambda line: print(line, file=sys.s
         if s is not None:
             s.close()
             return True
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             say(f"cvpipe: the preload process exited at start-up (see {log_path(root)}); "
                 "running this command on its own")
             return False

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEFAULT_PARAMS, write_params
+from tests.helpers import DEFAULT_PARAMS, preload_processes_under, write_params
 
 # Prefect reads PREFECT_HOME at import: keep its state out of the user's home and the project.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cvpipe-prefect-"))
@@ -37,19 +37,6 @@ def _persistent_servers_under(folder: str) -> list[int]:
     return found
 
 
-def _preload_processes_under(folder: str) -> list[int]:
-    """Pids of cvpipe preload processes (``python -P -m cvpipe.preload serve ROOT``) with ROOT under ``folder``."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "cvpipe.preload" in argv and argv[-2:-1] and argv[-2].startswith(folder):
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture(scope="session", autouse=True)
 def no_prefect_server_left(tmp_path_factory):
     """The suite ends with no persistent Prefect server of a test project running: any left under the
@@ -59,7 +46,7 @@ def no_prefect_server_left(tmp_path_factory):
     import signal
     import warnings
 
-    left = _persistent_servers_under(base) + _preload_processes_under(base)
+    left = _persistent_servers_under(base) + preload_processes_under(base)
     for pid in left:
         try:
             os.killpg(pid, signal.SIGTERM)

@@ -118,6 +118,19 @@ def run_tool(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+def preload_processes_under(folder: str) -> list[int]:
+    """Pids of cvpipe preload processes (``python -P -m cvpipe.preload serve ROOT``) with ROOT under ``folder``."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "cvpipe.preload" in argv and argv[-2:-1] and argv[-2].startswith(folder):
+            found.append(int(entry.name))
+    return found
+
+
 def flow_runs(api_url: str) -> list:
     """Every flow run the Prefect server at ``api_url`` knows, read with Prefect's own client."""
     import asyncio

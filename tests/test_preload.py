@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from cvpipe import preload
-from tests.helpers import clone_project, flow_runs, write_params
+from cvpipe.prefect_server import pid_alive
+from tests.helpers import clone_project, flow_runs, preload_processes_under, write_params
 
 CVPIPE = str(Path(sys.executable).parent / "cvpipe")
 # The user's shell: no PREFECT_* or CVPIPE_* from the test session, so the persistent server and the
@@ -100,18 +101,6 @@ def _served(root: Path) -> list[tuple[int, str]]:
     return [(int(m[1]), m[2]) for m in re.finditer(r"preload: pid (\d+) runs (.+?) for client", log)]
 
 
-def _preload_pids(root: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"cvpipe.preload" in cmd and str(root).encode() in cmd:
-            found.append(int(entry.name))
-    return found
-
-
 def _wait_ready(root: Path, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,7 +128,7 @@ def project(tmp_path):
         yield root
     finally:
         _cvpipe(root, "server", "stop", timeout=120)
-        for pid in _preload_pids(root):
+        for pid in preload_processes_under(str(root)):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -185,7 +174,7 @@ def test_stage_commands_run_in_forks_of_one_preload_process(project):
 
     r = _cvpipe(project, "server", "stop")
     assert f"preload process stopped (pid {first['pid']})" in r.stdout
-    assert _preload_pids(project) == [] and not (project / ".cvpipe" / "preload.sock").exists()
+    assert preload_processes_under(str(project)) == [] and not (project / ".cvpipe" / "preload.sock").exists()
 
 
 @pytest.mark.slow
@@ -225,15 +214,15 @@ def test_signals_reach_the_child_and_a_killed_client_takes_it_along(project):
     err = err_file.read_text(errors="replace")
     assert proc.returncode == 130, err[-2000:]
     assert "aborted by an interrupt signal" in err
-    assert not preload._pid_alive(trainings[0])
+    assert not pid_alive(trainings[0])
 
     proc, _ = start_training(1)
     proc.kill()  # kill -9: nothing is forwarded; the child notices its client is gone
     proc.wait()
     deadline = time.monotonic() + 30
-    while preload._pid_alive(trainings[1]) and time.monotonic() < deadline:
+    while pid_alive(trainings[1]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not preload._pid_alive(trainings[1])
+    assert not pid_alive(trainings[1])
     r = _cvpipe(project, "preprocess")  # the project lock is free again
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -250,11 +239,11 @@ def test_a_stale_preload_process_is_replaced_and_an_idle_one_exits(project):
     assert ("differ from this process's ($OMP_NUM_THREADS): exiting"
             in (project / ".cvpipe" / "preload.log").read_text())
     new = _wait_ready(project)["pid"]
-    assert new != old and not preload._pid_alive(old)
+    assert new != old and not pid_alive(old)
     assert _cvpipe(project, "preprocess", env=stale_env).returncode == 0
     assert _served(project)[-1][1] == "preprocess" and preload.status(project)["pid"] == new
     deadline = time.monotonic() + 60
-    while preload._pid_alive(new) and time.monotonic() < deadline:
+    while pid_alive(new) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not preload._pid_alive(new)
+    assert not pid_alive(new)
     assert "idle for 5 s, exiting" in (project / ".cvpipe" / "preload.log").read_text()
