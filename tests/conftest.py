@@ -3,7 +3,9 @@ the real yolov3-tiny files and a scene of photos. Plain helpers live in tests/he
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,11 @@ import pytest
 from tests.helpers import DEFAULT_PARAMS, preload_processes_under, write_params
 
 # Prefect reads PREFECT_HOME at import: keep its state out of the user's home and the project.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cvpipe-prefect-"))
+# The folder goes when the session ends (test processes leave nothing under /tmp but failed tests'
+# tmp_path folders: pyproject sets tmp_path_retention_policy = "failed").
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cvpipe-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # CLI processes the tests start use Prefect's temporary server (stopped when they exit), as they
 # did before the persistent one; tests/test_prefect_server.py starts and stops persistent ones itself.

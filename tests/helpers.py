@@ -5,6 +5,7 @@ Test files import from here, never from one another.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ def _default_params_text() -> str:
 #: The project's default params.yaml, for tests (see :func:`_default_params_text`).
 DEFAULT_PARAMS = Path(tempfile.mkdtemp(prefix="cvpipe-defaults-")) / "params.yaml"
 DEFAULT_PARAMS.write_text(_default_params_text())
+atexit.register(shutil.rmtree, DEFAULT_PARAMS.parent, ignore_errors=True)
 
 
 def shrunk_params(tmp_path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
