@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cvpipe import prefect_db
 from cvpipe.errors import UserError
 
 STATE_FILE = "cvpipe-server.json"
@@ -50,7 +51,8 @@ HOST = "127.0.0.1"
 MODE_VAR = "CVPIPE_PREFECT_SERVER"
 #: A fixed port for the server (default: the port it had last time if free, else any free port).
 PORT_VAR = "CVPIPE_PREFECT_PORT"
-#: Seconds to wait for a new server to answer (a fresh database runs all migrations first).
+#: Seconds to wait for a new server to answer (a new database not copied from cvpipe/prefect_db.py's
+#: template runs all migrations first).
 STARTUP_TIMEOUT_VAR = "CVPIPE_PREFECT_STARTUP_TIMEOUT"
 #: Marks the server process (its environment), with the state file's token.
 TOKEN_VAR = "CVPIPE_SERVER_TOKEN"
@@ -317,11 +319,15 @@ def _start(home: Path, port: int | None, say: Callable[[str], None]) -> ServerSt
     token = os.urandom(8).hex()
     log = log_path(home)
     url = f"http://{HOST}:{port}/api"
+    env = _server_env(home, port, token)
+    seeded = prefect_db.seed(_database(home), env)
     with open(log, "ab") as out:
         since = out.tell()
         out.write(f"\n--- cvpipe: starting Prefect server on {url} at {time.ctime()}\n".encode())
+        if seeded:
+            out.write(f"--- cvpipe: new database {_database(home)} copied from {seeded}\n".encode())
         out.flush()
-        proc = subprocess.Popen(_prefect_command(port), env=_server_env(home, port, token), cwd=home,
+        proc = subprocess.Popen(_prefect_command(port), env=env, cwd=home,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
     state = ServerState(pid=proc.pid, port=port, url=url, home=str(home), token=token, started=time.time())

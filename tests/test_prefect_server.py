@@ -83,6 +83,9 @@ def test_server_start_status_stop_and_its_ui_calls_its_own_port(project):
     assert _get(f"{state.url}/health") is True
     assert Path(_get(f"{state.url}/admin/settings")["home"]).resolve() == (project / ".prefect").resolve()
     assert (project / ".prefect" / "prefect.db").is_file()
+    # a new database starts from the packaged migrated one (cvpipe/prefect_db.py), once
+    log = (project / ".prefect" / "cvpipe-server.log").read_text()
+    assert log.count("copied from prefect-") == 1, log
     # The UI asks /ui-settings where the API is: this server's port, not Prefect's default 4200.
     assert _get(f"{state.ui_url}/ui-settings")["api_url"] == state.url
 
