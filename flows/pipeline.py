@@ -5,14 +5,13 @@
     download -> detect
 
 Independent branches run concurrently (detect beside training; the two training
-modes side by side on a GPU, one after the other on a CPU, where they would only
-fight over the same cores). A stage that DVC reports up to date is skipped;
+modes side by side on a GPU, their training one after the other on a CPU, where it
+would only fight over the same cores: see :func:`flows.train.training_slot`). A stage that DVC reports up to date is skipped;
 after a stage runs, dvc.lock is updated.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,8 @@ from cvpipe.params import load_params
 from flows import stage_flow, subflows
 from flows.dvc_sync import DvcSync
 
-_TRAIN_SLOTS: dict[str, threading.Semaphore] = {}
-
-
-def _train_slot(device: str) -> threading.Semaphore:
-    """Training modes share the machine: one at a time on CPU, side by side on a GPU."""
-    import torch
-
-    slots = 2 if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else 1
-    return _TRAIN_SLOTS.setdefault(device, threading.Semaphore(slots))
-
-
 @task(name="stage", task_run_name="{stage}")
-def run_stage(stage: str, params_file: str, force: bool, device: str) -> dict[str, Any]:
+def run_stage(stage: str, params_file: str, force: bool) -> dict[str, Any]:
     """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it."""
     sync = DvcSync()
     changes = sync.stale(stage)
@@ -46,17 +34,10 @@ def run_stage(stage: str, params_file: str, force: bool, device: str) -> dict[st
         print(f"{stage}: up to date (dvc status), skipped")
         return {"stage": stage, "status": "skipped", "seconds": 0.0}
     fn, kwargs = stage_flow(stage)
-    slot = _train_slot(device) if stage.startswith("train@") else None
-    if slot:
-        slot.acquire()
-    try:
-        t0 = time.perf_counter()
-        with subflows():
-            result = fn(params_file=params_file, **kwargs)
-        seconds = time.perf_counter() - t0
-    finally:
-        if slot:
-            slot.release()
+    t0 = time.perf_counter()
+    with subflows():
+        result = fn(params_file=params_file, **kwargs)
+    seconds = time.perf_counter() - t0
     sync.commit(stage)
     return {"stage": stage, "status": "ran", "seconds": round(seconds, 1), "result": result}
 
@@ -121,7 +102,7 @@ def _run_pipeline(params_file: str, force: bool) -> list[dict]:
     order: list[tuple[str, Any]] = []
 
     def submit(stage: str, wait_for=()):
-        fut = run_stage.submit(stage, params_file, force, p.device, wait_for=list(wait_for))
+        fut = run_stage.submit(stage, params_file, force, wait_for=list(wait_for))
         order.append((stage, fut))
         return fut
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,25 @@ EPOCH_SECTION = "epoch"  # MLflow metric keys of the per-epoch curves: epoch/tra
 MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "opencv-python-headless", "efficientnet-lite-pytorch")
 
 train_task = task(train, name="train", cache_policy=NO_CACHE)
+
+_TRAINING_SLOTS: dict[str, threading.Semaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def training_slot(device: str) -> threading.Semaphore:
+    """What training modes run side by side in one process (the pipeline's two train stages) hold while
+    they train: one at a time on a CPU, where they would only fight over the same cores; two on a GPU.
+
+    Only the training holds it: one mode's MLflow bookkeeping (its metrics, artifacts and the logged
+    model: about a second) overlaps the next mode's training instead of delaying it.
+    """
+    with _SLOTS_LOCK:
+        if device not in _TRAINING_SLOTS:
+            import torch
+
+            gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+            _TRAINING_SLOTS[device] = threading.Semaphore(2 if gpu else 1)
+        return _TRAINING_SLOTS[device]
 
 
 def log_model(run: StageRun, p: Params, mode: str) -> None:
@@ -64,8 +84,9 @@ def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | Non
         # The UI charts a run's metrics by section, sections named by a "/" prefix first: the per-epoch
         # curves ("epoch/...") come before the few single values (the headline accuracy and what
         # `cvpipe compare` shows). Every final figure is in the metrics.json artifact.
-        metrics = train_task(p, mode, on_epoch=lambda row: run.log_metrics(
-            {f"{EPOCH_SECTION}/{k}": row[k] for k in (*EPOCH_KEYS, "images_per_s")}, step=row["epoch"]))
+        with training_slot(p.device):
+            metrics = train_task(p, mode, on_epoch=lambda row: run.log_metrics(
+                {f"{EPOCH_SECTION}/{k}": row[k] for k in (*EPOCH_KEYS, "images_per_s")}, step=row["epoch"]))
         run.log_metrics({"best_val_acc": metrics["best_val_acc"], "images_per_s": metrics["images_per_s"],
                          **model_costs(p, mode, metrics["device"])})
         run.set_tags({"backbone": p.train.backbone, "weights": p.train.weights, "device": metrics["device"],

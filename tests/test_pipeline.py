@@ -69,6 +69,20 @@ def test_cvpipe_run_agrees_with_dvc_and_feeds_compare_registry_predict(tmp_path)
 
     metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
     assert set(metrics) >= {"feature_extractor", "fine_tune"}
+
+    # On a CPU the two modes train one after the other (flows.train.training_slot): the per-epoch
+    # points MLflow recorded for one mode all come before the other's.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    spans = {}
+    for r in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        if r.data.tags.get("mode") and r.info.run_name.startswith("train-"):
+            stamps = [m.timestamp for m in client.get_metric_history(r.info.run_id, "epoch/train_loss")]
+            spans[r.data.tags["mode"]] = (min(stamps), max(stamps))
+    assert set(spans) == {"feature_extractor", "fine_tune"}, spans
+    first, second = sorted(spans.values())
+    assert first[1] <= second[0], spans
     assert metrics["feature_extractor"]["test_acc"] > 0.5  # 10 classes: chance is 0.1
 
     table = run(*cvpipe, "compare")
