@@ -29,8 +29,7 @@ from flows.dvc_sync import DvcSync
 def run_stage(stage: str, params_file: str, force: bool) -> dict[str, Any]:
     """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it."""
     sync = DvcSync()
-    changes = sync.stale(stage)
-    if not changes and not force:
+    if not force and not sync.stale(stage):  # forced stages run whatever DVC would say
         print(f"{stage}: up to date (dvc status), skipped")
         return {"stage": stage, "status": "skipped", "seconds": 0.0}
     fn, kwargs = stage_flow(stage)

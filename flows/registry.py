@@ -53,7 +53,7 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     import mlflow
 
     from cvpipe.io import read_json
-    from flows.tracking import configure
+    from flows.tracking import configure, tracking_uri
 
     client, exp_id = configure(p)
     candidates = {m: r for m, r in results.items() if m in run_ids}
@@ -70,9 +70,24 @@ def register_best(p: Params, results: dict[str, dict[str, Any]], run_ids: dict[s
     promote = prev is None or acc > prev
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
-        _settle_champion(client, name, since)
+        if registry_shared(tracking_uri(p)):
+            _settle_champion(client, name, since)
     return {"name": name, "version": int(mv.version), "mode": mode, "test_acc": acc,
             "champion": promote, "previous_champion_acc": prev}
+
+
+def registry_shared(uri: str, root: Path | None = None) -> bool:
+    """Whether another project's evaluate may move the champion while this one decides: always on a
+    tracking server or a SQLite file outside the project (``root``, default: the working folder).
+
+    A SQLite store inside the project is written by one command at a time (the project lock), so
+    there is no race to settle and no reason to wait for one (:func:`_settle_champion`: 1.5 s).
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return True
+    db = Path(uri[len(prefix):]).resolve()
+    return not db.is_relative_to((root or Path.cwd()).resolve())
 
 
 def _champion_acc(client, name: str) -> tuple[str | None, float | None]:

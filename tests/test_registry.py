@@ -1,4 +1,5 @@
-"""The champion alias when evaluates race on one tracking server (flows.registry._settle_champion)."""
+"""The champion alias when evaluates race on one tracking server (flows.registry._settle_champion), and
+when there is no race to settle (flows.registry.registry_shared)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,15 @@ def test_a_better_newer_champion_and_older_versions_are_left_alone():
     reg = FakeRegistry({1: 0.5, 2: 0.8, 3: 0.8}, champion=3)  # a tie never moves the alias
     registry._settle_champion(reg, "m", since="1", checks=1, wait_s=0)
     assert reg.champion == 3
+
+
+def test_only_a_registry_others_can_write_is_settled(tmp_path):
+    """A SQLite store inside the project is written under the project lock: nothing to settle. A
+    tracking server or a SQLite file elsewhere may have another project's evaluate racing this one."""
+    project = tmp_path / "project"
+    (project / "mlruns").mkdir(parents=True)
+    assert not registry.registry_shared(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}", root=project)
+    assert registry.registry_shared(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}", root=project)
+    assert registry.registry_shared(f"sqlite:///{project / '..' / 'mlflow.db'}", root=project)
+    assert registry.registry_shared("http://127.0.0.1:5000", root=project)
+    assert registry.registry_shared("postgresql://db/mlflow", root=project)
