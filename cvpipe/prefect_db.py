@@ -2,11 +2,11 @@
 
 On a new SQLite database, Prefect's server runs every Alembic migration before it answers: on
 the bench machine (2 cores) its first start took 8.6 to 9.4 s, a start on an existing database
-3.7 to 3.9 s, and a start on a copy of a migrated one 4.8 s. Every fresh clone and every new
+3.7 to 3.9 s, and a start on a copy of a migrated one 4.6 to 4.8 s (`cvpipe server start`). Every fresh clone and every new
 ``PREFECT_HOME`` pays that first start, on the critical path of its first command.
 
 The package ships the empty database that ``prefect server database upgrade`` writes for the
-pinned Prefect version (``cvpipe/data/prefect-<version>.db.gz``, about 18 KB). A new project
+pinned Prefect version (``cvpipe/data/prefect-<version>.db.gz``, 16 KB). A new project
 database starts as a copy of it when all of these hold:
 
 - the installed Prefect is the template's version (read from the package metadata, no import);
