@@ -1,9 +1,9 @@
 """A new Prefect home's database, copied from a migrated template instead of built by 100+ migrations.
 
-On a new SQLite database, Prefect's server runs every Alembic migration before it answers: on
-the bench machine (2 cores) its first start took 8.6 to 9.4 s, a start on an existing database
-3.7 to 3.9 s, and a start on a copy of a migrated one 4.6 to 4.8 s (`cvpipe server start`). Every fresh clone and every new
-``PREFECT_HOME`` pays that first start, on the critical path of its first command.
+On a new SQLite database, Prefect's server runs every Alembic migration before it answers. On
+the bench machine (2 cores, ``cvpipe server start``) its first start took 8.6 to 9.4 s, a start on
+an existing database 3.7 to 3.9 s, and a start on a copy of a migrated one 4.6 to 4.8 s. Every
+fresh clone and every new ``PREFECT_HOME`` pays that first start, on its first command's path.
 
 The package ships the empty database that ``prefect server database upgrade`` writes for the
 pinned Prefect version (``cvpipe/data/prefect-<version>.db.gz``, 16 KB). A new project
@@ -91,21 +91,6 @@ def revision(db: Path) -> str | None:
     finally:
         con.close()
     return row[0] if row else None
-
-
-def schema(db: Path) -> list[tuple[str, str, tuple[str, ...]]]:
-    """Every table, index, trigger and view of a SQLite database: (type, name, its SQL's lines), sorted.
-
-    A table's lines are sorted: Alembic's batch migrations rebuild SQLite tables with their
-    constraints in no fixed order, so two migrations of the same revision list them differently.
-    """
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT type, name, COALESCE(sql, '') FROM sqlite_master").fetchall()
-    finally:
-        con.close()
-    return sorted((kind, name, tuple(sorted(line.strip().rstrip(",").strip() for line in sql.splitlines())))
-                  for kind, name, sql in rows)
 
 
 def migrate_new(db: Path, timeout_s: float = 600) -> None:

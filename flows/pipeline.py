@@ -4,10 +4,9 @@
                            -> train@fine_tune ─────────┴-> evaluate
     download -> detect
 
-Independent branches run concurrently (detect beside training; the two training
-modes side by side on a GPU, their training one after the other on a CPU, where it
-would only fight over the same cores: see :func:`flows.train.training_slot`). A stage that DVC reports up to date is skipped;
-after a stage runs, dvc.lock is updated.
+Independent branches run concurrently: detect beside training, the two training modes
+side by side on a GPU (on a CPU their training takes turns: :func:`flows.train.training_slot`).
+A stage that DVC reports up to date is skipped; after a stage runs, dvc.lock is updated.
 """
 
 from __future__ import annotations
