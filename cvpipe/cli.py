@@ -113,6 +113,10 @@ def detect(
     typer.echo(f"detect: {short(summary)}")
 
 
+#: The stages of ``cvpipe run`` in the order they start: their flow modules are imported in this order.
+PIPELINE_ORDER = ("download", "detect", "preprocess", "train", "evaluate")
+
+
 @app.command()
 def run(
     profile: Annotated[Optional[str], typer.Option(help="Apply profiles/<name>.yaml to params.yaml first (e.g. offline).")] = None,
@@ -143,7 +147,8 @@ def run(
                 fail(f"error: {one_line(str(err))}", 2)
             typer.echo(f"params: wrote {', '.join(f'{k}={v}' for k, v in ov.items())} into {params}")
             check_params(params, {})
-        api_url = connect_prefect(meanwhile=("flows.pipeline", *flow_modules(), "mlflow", "dvc.repo"), params=params)
+        api_url = connect_prefect(meanwhile=("flows.pipeline", "mlflow", "dvc.repo"), params=params,
+                                  later=flow_modules(*PIPELINE_ORDER))
         from flows.pipeline import headline, pipeline_flow
 
         t0 = time.perf_counter()

@@ -133,15 +133,17 @@ def run_flow(flow_fn, params: Path, **kwargs) -> Any:
 
 
 def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
-                    overrides: dict[str, Any] | None = None) -> str | None:
+                    overrides: dict[str, Any] | None = None, later: tuple[str, ...] = ()) -> str | None:
     """Point this process at the project's Prefect server, starting it if needed; see
     :mod:`cvpipe.prefect_server`. Returns its API URL (None: Prefect's temporary server).
 
-    The modules named in ``meanwhile`` are imported while that happens: a server's start (seconds,
-    mostly waiting for another process) and the imports a flow needs (seconds of this one's CPU)
-    overlap instead of adding up. With ``params``, while the server is still starting, the MLflow
-    store is opened too (a new store creates its tables first); an error there is left for the stage
-    to report in context.
+    A server's start (seconds, in another process) overlaps this process's own preparations, in
+    this order: the modules named in ``meanwhile`` are imported (what the flow needs to start);
+    with ``params``, the MLflow store is opened (a new one is written first: the first stage
+    needs it; an error there is left for the stage to report in context); then the modules in
+    ``later`` (the stages' flows, in the order the stages run) are imported by a background thread,
+    while the server starts and then beside the first stages (a stage that needs one of them
+    before it is loaded waits for it, as any import waits).
     """
     import importlib
     import threading
@@ -162,8 +164,11 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
     try:
         for name in meanwhile:
             importlib.import_module(name)
-        if params is not None and thread.is_alive():  # only worth it while the server is starting
+        if params is not None:
             _open_tracking(params, overrides or {})
+        pending = [m for m in later if m not in sys.modules]
+        if pending:  # not waited for: what is not loaded when the server answers loads beside the first stages
+            threading.Thread(target=_import_quietly, args=(pending,), name="cvpipe-imports", daemon=True).start()
     finally:
         thread.join()
     refresh_prefect()
@@ -173,6 +178,17 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
     if err is not None:
         raise err
     return outcome.get("url")
+
+
+def _import_quietly(names: list[str]) -> None:
+    """Import ``names`` in turn; a failure is left for the stage that imports the module to report."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the stage's own import raises it again, in context
+            return
 
 
 def _open_tracking(params: Path, overrides: dict[str, Any]) -> None:

@@ -1,20 +1,24 @@
 """A new Prefect home's database, copied from a migrated template instead of built by 100+ migrations.
 
-On a new SQLite database, Prefect's server runs every Alembic migration before it answers. On
-the bench machine (2 cores, ``cvpipe server start``) its first start took 8.6 to 9.4 s, a start on
-an existing database 3.7 to 3.9 s, and a start on a copy of a migrated one 4.6 to 4.8 s. Every
-fresh clone and every new ``PREFECT_HOME`` pays that first start, on its first command's path.
+On a new SQLite database, Prefect's server runs every Alembic migration, then registers Prefect's
+block types, before it answers. On the bench machine (2 cores, ``cvpipe server start``) its first
+start took 8.6 to 9.4 s, a start on an existing database 3.7 to 3.9 s. Every fresh clone and every
+new ``PREFECT_HOME`` pays that first start, on its first command's path.
 
 The package ships the empty database that ``prefect server database upgrade`` writes for the
-pinned Prefect version (``cvpipe/data/prefect-<version>.db.gz``, 16 KB). A new project
-database starts as a copy of it when all of these hold:
+pinned Prefect version, with the block types a server's first start registers in it
+(``cvpipe/data/prefect-<version>.db.gz``). A new project database starts as a copy of it when
+all of these hold:
 
 - the installed Prefect is the template's version (read from the package metadata, no import);
 - the server uses Prefect's default SQLite file in its home (no ``*DATABASE_CONNECTION_URL`` set);
-- no database (nor its ``-wal``) exists yet.
+- no database (nor its ``-wal`` or ``-journal``) exists yet.
 
-Otherwise nothing is copied and the server migrates as before. The server still checks its
-migrations at every start, so a copy is only ever a head start, never trusted as the schema.
+Otherwise nothing is copied and the server migrates as before. The start on a copy skips what
+the copy already holds (:data:`FIRST_START`: the migration check and the block registration,
+unless the user set those settings); every later start checks both, as Prefect always does.
+Tests hold the template to what Prefect builds: the newest migration, the schema of a database
+migrated from nothing, and the block types a server registers.
 
 After changing Prefect's pin, rebuild the template (a test fails until it matches):
 ``python -m cvpipe.prefect_db build``.
@@ -22,19 +26,31 @@ After changing Prefect's pin, rebuild the template (a test fails until it matche
 
 from __future__ import annotations
 
-import gzip
 import importlib.metadata
 import os
-import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "data"
+from cvpipe import db_template
+from cvpipe.db_template import TEMPLATE_DIR
 #: Environment variables that point Prefect's server at a database of the user's choosing.
 CONNECTION_URL_VARS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+
+
+#: The server's settings for its first start on a copy of the template: what the copy holds already.
+FIRST_START = {"PREFECT_API_DATABASE_MIGRATE_ON_START": "false", "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
+#: The user's own names for those settings (any of them set: theirs applies).
+FIRST_START_USER_VARS = (*FIRST_START, "PREFECT_SERVER_DATABASE_MIGRATE_ON_START",
+                         "PREFECT_SERVER_REGISTER_BLOCKS_ON_START")
+
+
+def first_start_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a server's first start on a copy of the template (see :data:`FIRST_START`)."""
+    if any(v in env for v in FIRST_START_USER_VARS):
+        return env
+    return {**env, **FIRST_START}
 
 
 def installed_version() -> str | None:
@@ -61,48 +77,58 @@ def seed(db: Path, env: dict[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     if any(env.get(v) for v in CONNECTION_URL_VARS):
         return None
-    if db.exists() or Path(f"{db}-wal").exists():
-        return None
     version = installed_version()
-    template = template_path(version) if version else None
-    if template is None or not template.is_file():
+    if version is None:
         return None
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-    try:
-        with gzip.open(template, "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out)
-        if revision(tmp) is None:  # not a Prefect database: leave the server to build one
-            tmp.unlink()
-            return None
-        os.replace(tmp, db)
-    except (OSError, EOFError, gzip.BadGzipFile, sqlite3.Error):
-        tmp.unlink(missing_ok=True)
-        return None
-    return template.name
+    template = template_path(version)
+    return template.name if db_template.copy_template(template, db) else None
 
 
-def revision(db: Path) -> str | None:
-    """The Alembic revision a Prefect database records (None when it records none)."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.DatabaseError:
-        return None
-    finally:
-        con.close()
-    return row[0] if row else None
+revision = db_template.revision
+
+
+def _env(home: str, db: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_HOME": home, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}"})
+    return env
 
 
 def migrate_new(db: Path, timeout_s: float = 600) -> None:
     """Create ``db`` with the installed Prefect's migrations (``prefect server database upgrade``)."""
     with tempfile.TemporaryDirectory(prefix="cvpipe-prefect-db-") as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update({"PREFECT_HOME": home,
-                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}"})
         r = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-                           env=env, capture_output=True, text=True, timeout=timeout_s)
+                           env=_env(home, db), capture_output=True, text=True, timeout=timeout_s)
         if r.returncode:
             raise RuntimeError(f"prefect server database upgrade failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+
+
+#: What a server's first start adds to its new database (``add_block_types`` in Prefect's app).
+REGISTER_BLOCKS = """
+import asyncio
+
+import prefect.plugins
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+
+async def main():
+    prefect.plugins.load_prefect_collections()
+    session = await provide_database_interface().session()
+    async with session:
+        await run_block_auto_registration(session=session)
+
+
+asyncio.run(main())
+"""
+
+
+def register_blocks(db: Path, timeout_s: float = 600) -> None:
+    """Register Prefect's block types in ``db`` as a server's first start does."""
+    with tempfile.TemporaryDirectory(prefix="cvpipe-prefect-db-") as home:
+        r = subprocess.run([sys.executable, "-c", REGISTER_BLOCKS], env=_env(home, db), capture_output=True,
+                           text=True, timeout=timeout_s)
+    if r.returncode:
+        raise RuntimeError(f"registering Prefect's block types failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
 
 
 def build(dest_dir: Path = TEMPLATE_DIR) -> Path:
@@ -113,30 +139,12 @@ def build(dest_dir: Path = TEMPLATE_DIR) -> Path:
     with tempfile.TemporaryDirectory(prefix="cvpipe-prefect-db-") as tmp:
         db = Path(tmp) / "prefect.db"
         migrate_new(db)
-        con = sqlite3.connect(db)
-        con.execute("PRAGMA journal_mode=DELETE")
-        con.execute("VACUUM")
-        con.close()
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        out = dest_dir / template_path(version).name
-        with open(db, "rb") as src, open(out, "wb") as raw:
-            # mtime=0 and no file name: no build time or path in the package
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-                shutil.copyfileobj(src, gz)
-    for old in dest_dir.glob("prefect-*.db.gz"):
-        if old != out:
-            old.unlink()
-    return out
+        register_blocks(db)
+        return db_template.pack(db, dest_dir / template_path(version).name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["build"]:
-        print("usage: python -m cvpipe.prefect_db build   (writes cvpipe/data/prefect-<version>.db.gz)",
-              file=sys.stderr)
-        return 2
-    print(build())
-    return 0
+    return db_template.build_command("cvpipe.prefect_db", "prefect", build, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

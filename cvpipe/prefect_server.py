@@ -3,8 +3,8 @@
 Without ``PREFECT_API_URL`` every Prefect process starts a temporary API server of its own
 (database migrations, uvicorn) and stops it at exit: seconds to tens of seconds per command,
 and no UI to look at afterwards. Instead, the first command that runs a flow (or
-``cvpipe server start``) starts Prefect's own ``prefect server start --host 127.0.0.1 --port N``
-detached (a new session, output to ``<PREFECT_HOME>/cvpipe-server.log``), with its database in
+``cvpipe server start``) starts Prefect's server app on ``127.0.0.1:N`` as ``prefect server start``
+runs it (:mod:`cvpipe.prefect_app`, which retries busy-database answers in the server), detached (a new session, output to ``<PREFECT_HOME>/cvpipe-server.log``), with its database in
 the project's Prefect home, and records its URL and pid in ``<PREFECT_HOME>/cvpipe-server.json``.
 Later processes (CLI stages, ``cvpipe run``, ``dvc repro`` stages, ``cvpipe serve`` and the runs
 it starts) find it there and set ``PREFECT_API_URL`` to it.
@@ -281,8 +281,9 @@ def _server_env(home: Path, port: int, token: str) -> dict[str, str]:
 
 
 def _prefect_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port),
-            "--analytics-off"]
+    """What ``prefect server start --host HOST --port N`` runs, with busy-database answers retried in the
+    server (:mod:`cvpipe.prefect_app`); analytics are off through the environment (:func:`_server_env`)."""
+    return [sys.executable, "-m", "cvpipe.prefect_app", "--host", HOST, "--port", str(port)]
 
 
 def _kill_group(pid: int, timeout_s: float = 10.0) -> bool:
@@ -308,7 +309,7 @@ def _kill_group(pid: int, timeout_s: float = 10.0) -> bool:
 
 
 def _start(home: Path, port: int | None, say: Callable[[str], None]) -> ServerState:
-    """Start ``prefect server start`` detached and wait (with a timeout) until it answers as ours."""
+    """Start the server (:func:`_prefect_command`) detached and wait (with a timeout) until it answers as ours."""
     configured = port is not None
     if port is None:
         previous = read_state(home)
@@ -321,6 +322,8 @@ def _start(home: Path, port: int | None, say: Callable[[str], None]) -> ServerSt
     url = f"http://{HOST}:{port}/api"
     env = _server_env(home, port, token)
     seeded = prefect_db.seed(_database(home), env)
+    if seeded:  # the copy is migrated and holds the block types: this start need not check either
+        env = prefect_db.first_start_env(env)
     with open(log, "ab") as out:
         since = out.tell()
         out.write(f"\n--- cvpipe: starting Prefect server on {url} at {time.ctime()}\n".encode())
@@ -348,7 +351,7 @@ def _start(home: Path, port: int | None, say: Callable[[str], None]) -> ServerSt
         if healthy(url, timeout=1.0) and serves_home(url, home):
             _write_state(state)
             return state
-        time.sleep(0.2)
+        time.sleep(0.05)  # a cheap local request: answer as soon as the server does
     _kill_group(proc.pid)
     raise ServerError(f"error: the Prefect server did not answer at {url} within {timeout:.0f} s "
                       f"({STARTUP_TIMEOUT_VAR} to wait longer); see {log}")

@@ -51,15 +51,37 @@ class DvcSync:
                 ) from None
 
     def stale(self, stage: str) -> dict:
-        """DVC's status for one stage: {} when up to date, else what changed. Always stale outside DVC."""
+        """DVC's status for one stage: {} when up to date, else what changed. Always stale outside DVC.
+
+        A stage that dvc.lock does not record has never run (a fresh clone): DVC would report it
+        changed, after opening the repository and hashing its dependencies (up to half a second
+        a stage), so it is not asked. A frozen stage is always left to DVC.
+        """
         if not self.enabled:
             return {stage: ["not a DVC project"]}
+        if self._never_ran(stage):
+            return {stage: ["not in dvc.lock"]}
 
         def check():
             with self._repo() as repo:
                 return repo.status(targets=[stage])
 
         return self._guard(check)
+
+    def _never_ran(self, stage: str) -> bool:
+        """dvc.lock has no entry for ``stage`` and dvc.yaml does not freeze it (False when unsure)."""
+        import yaml
+
+        try:
+            lock = self.root / "dvc.lock"
+            locked = yaml.safe_load(lock.read_text()) if lock.is_file() else {}
+            spec = yaml.safe_load((self.root / "dvc.yaml").read_text())
+            entry = spec["stages"][stage.partition("@")[0]]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return False
+        if not isinstance(locked, dict) or not isinstance(entry, dict) or entry.get("frozen"):
+            return False
+        return stage not in (locked.get("stages") or {})
 
     def commit(self, stage: str) -> None:
         """Record the stage's current deps, params and outs in dvc.lock and the DVC cache."""

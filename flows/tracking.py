@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from cvpipe import mlflow_db
 from cvpipe.errors import UserError
 from cvpipe.params import Params
 from flows.run_tags import (
@@ -154,8 +155,9 @@ def check_artifact_location(p: Params, experiment_location: str) -> None:
 def configure(p: Params):
     """Point MLflow at the project's store and return (client, experiment_id).
 
-    Creating a new sqlite store runs MLflow's migrations, which race when two processes
-    start at once; a file lock next to the database makes them take turns.
+    A new sqlite store starts as a copy of the packaged migrated one (:mod:`cvpipe.mlflow_db`), or
+    else MLflow runs its migrations; either races when two processes start at once: a file lock next
+    to the database makes them take turns.
 
     Raises:
         TrackingUnreachable: the tracking server does not answer (within seconds).
@@ -173,6 +175,7 @@ def configure(p: Params):
     if uri.startswith("sqlite:///"):
         lock = FileLock(uri[len("sqlite:///"):] + ".lock", timeout=600)
     with lock:
+        mlflow_db.seed(uri)  # a new SQLite store starts as the packaged migrated one (cvpipe/mlflow_db.py)
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # opens the store: creates/migrates its tables
         exp = client.get_experiment_by_name(p.mlflow.experiment)

@@ -279,3 +279,20 @@ def yolov3_cfg(classes: int = 80) -> str:
         out.append(f"[yolo]\nmask = {mask}\nanchors = {YOLOV3_ANCHORS}\nclasses={classes}\nnum=9\n"
                    "jitter=.3\nignore_thresh = .7\ntruth_thresh = 1\nrandom=1\n")
     return "\n".join(out)
+
+
+def sqlite_schema(db: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Every table, index, trigger and view of a SQLite database: (type, name, its SQL's lines), sorted.
+
+    A table's lines are sorted: Alembic's batch migrations rebuild SQLite tables with their
+    constraints in no fixed order, so two migrations of the same revision list them differently.
+    """
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT type, name, COALESCE(sql, '') FROM sqlite_master").fetchall()
+    finally:
+        con.close()
+    return sorted((kind, name, tuple(sorted(line.strip().rstrip(",").strip() for line in sql.splitlines())))
+                  for kind, name, sql in rows)

@@ -9,21 +9,7 @@ from pathlib import Path
 import pytest
 
 from cvpipe import prefect_db
-
-
-def _schema(db: Path) -> list[tuple[str, str, tuple[str, ...]]]:
-    """Every table, index, trigger and view of a SQLite database: (type, name, its SQL's lines), sorted.
-
-    A table's lines are sorted: Alembic's batch migrations rebuild SQLite tables with their
-    constraints in no fixed order, so two migrations of the same revision list them differently.
-    """
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT type, name, COALESCE(sql, '') FROM sqlite_master").fetchall()
-    finally:
-        con.close()
-    return sorted((kind, name, tuple(sorted(line.strip().rstrip(",").strip() for line in sql.splitlines())))
-                  for kind, name, sql in rows)
+from tests.helpers import sqlite_schema
 
 
 def _sqlite_head() -> str:
@@ -98,4 +84,48 @@ def test_the_template_has_the_schema_prefect_migrations_build(tmp_path):
     seeded = tmp_path / "seeded.db"
     assert prefect_db.seed(seeded, env={})
     assert prefect_db.revision(seeded) == prefect_db.revision(fresh)
-    assert _schema(seeded) == _schema(fresh)
+    assert sqlite_schema(seeded) == sqlite_schema(fresh)
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    import json
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with opener.open(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_a_server_on_the_template_offers_the_block_types_of_prefects_own_first_start(tmp_path, monkeypatch):
+    """The first start on a copy skips block registration: the copy must hold what Prefect would have
+    registered. Compared with a server whose new database Prefect builds itself (named by URL, so
+    nothing is copied), through the API."""
+    from cvpipe import prefect_server
+
+    monkeypatch.setenv("CVPIPE_PREFECT_STARTUP_TIMEOUT", "300")
+    catalog = {}
+    for kind in ("copy", "prefect's own"):
+        home = tmp_path / kind.replace(" ", "_").replace("'", "") / ".prefect"
+        if kind == "prefect's own":
+            monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'own.db'}")
+        try:
+            state = prefect_server.start(home=home, say=lambda line: None)
+            log = prefect_server.log_path(home).read_text()
+            assert ("copied from prefect-" in log) == (kind == "copy"), log
+            types = _post(f"{state.url}/block_types/filter", {})
+            schemas = _post(f"{state.url}/block_schemas/filter", {})
+        finally:
+            prefect_server.stop(home)
+        catalog[kind] = (sorted(t["slug"] for t in types), sorted(s["checksum"] for s in schemas))
+    assert catalog["copy"][0] and catalog["copy"] == catalog["prefect's own"]
+
+
+def test_the_first_start_on_a_copy_skips_what_the_copy_holds_unless_the_user_chose():
+    env = prefect_db.first_start_env({"PATH": "/usr/bin"})
+    assert env == {"PATH": "/usr/bin", "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
+                   "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
+    for var in prefect_db.FIRST_START_USER_VARS:  # the user's own setting, under any of its names, applies
+        assert prefect_db.first_start_env({var: "true"}) == {var: "true"}

@@ -1,6 +1,6 @@
 """The project's persistent Prefect server (:mod:`cvpipe.prefect_server`), through the real ``cvpipe``.
 
-Each test starts real ``prefect server start`` processes in its own temporary project (their
+Each test starts real Prefect server processes (:mod:`cvpipe.prefect_app`) in its own temporary project (their
 database in ``<project>/.prefect``) and stops them before it ends, whatever happens: the suite
 leaves no server running. Reuse is shown by process ids and URLs, never by timing.
 """
@@ -81,6 +81,9 @@ def test_server_start_status_stop_and_its_ui_calls_its_own_port(project):
     assert os.getsid(state.pid) == state.pid
     assert f"{TOKEN_VAR}={state.token}".encode() in Path(f"/proc/{state.pid}/environ").read_bytes().split(b"\0")
     assert _get(f"{state.url}/health") is True
+    # Prefect's server app, wrapped to retry busy-database answers in the server (cvpipe/prefect_app.py)
+    cmdline = Path(f"/proc/{state.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"cvpipe.prefect_app" in cmdline, cmdline
     assert Path(_get(f"{state.url}/admin/settings")["home"]).resolve() == (project / ".prefect").resolve()
     assert (project / ".prefect" / "prefect.db").is_file()
     # a new database starts from the packaged migrated one (cvpipe/prefect_db.py), once

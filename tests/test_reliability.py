@@ -289,3 +289,33 @@ def test_two_processes_log_to_one_mlflow_store(tmp_path):
 def test_two_processes_create_one_mlflow_store(tmp_path):
     """Creating a new sqlite store runs MLflow's migrations: flows.tracking.configure serialises them."""
     _log_concurrently(tmp_path, fresh_store=True)
+
+
+def test_a_stage_dvc_lock_does_not_record_is_stale_without_asking_dvc(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    from flows.dvc_sync import DvcSync
+
+    root = tmp_path / "proj"
+    _git_dvc_project(root)
+    monkeypatch.chdir(root)  # as in a pipeline run: DVC resolves stage names against the working directory
+    with Repo(str(root)) as repo:  # what DVC says of a stage that never ran: changed
+        assert repo.status(targets=["make"])
+    sync = DvcSync(root)
+    opened = []
+    real = DvcSync._repo
+    monkeypatch.setattr(DvcSync, "_repo", lambda self: opened.append(1) or real(self))
+    assert sync.stale("make") == {"make": ["not in dvc.lock"]} and opened == []
+    # recorded in dvc.lock (by `dvc commit` in its own process: DVC's logger keeps the stream of the
+    # first test that used it, closed by now)
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "make"], cwd=root, check=True,
+                   capture_output=True, env=ENV)
+    opened.clear()
+    assert sync.stale("make") == {} and opened == [1]  # recorded: DVC decides, here up to date
+    (root / "out.txt").write_text("changed\n")
+    assert sync.stale("make") and len(opened) == 2
+    # a frozen stage is DVC's to judge, recorded or not
+    (root / "dvc.lock").unlink()
+    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: echo hi > out.txt\n    frozen: true\n"
+                                   "    outs:\n      - out.txt\n")
+    assert not sync._never_ran("make")
