@@ -3,13 +3,15 @@
 Before a stage runs, DVC is asked whether it is up to date (the same check as
 `dvc status`); after it ran, its outputs are committed to dvc.lock (as
 `dvc commit` does), so `cvpipe run` followed by `dvc repro` is a no-op and the
-other way round.
+other way round. In a pipeline run the commits happen in the background, in
+order, while the next stages run; the run waits for them before it ends.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cvpipe.errors import UserError
@@ -98,3 +100,31 @@ class DvcSync:
                             out.ignore()
 
         self._guard(commit)
+
+    def commit_soon(self, stage: str) -> None:
+        """:meth:`commit` in the background, in the order asked (one at a time); :func:`wait_commits`
+        waits for them. The stages downstream need not wait: their inputs are on disk, and DVC
+        judges a stage by its own dvc.lock entry against the files, not by its upstream's entry."""
+        global _committer
+        with _PENDING_LOCK:
+            if _committer is None:
+                _committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvpipe-dvc-commit")
+            _pending.append((stage, _committer.submit(self.commit, stage)))
+
+
+_committer: ThreadPoolExecutor | None = None
+_pending: list[tuple[str, Future]] = []
+_PENDING_LOCK = threading.Lock()
+
+
+def wait_commits() -> list[tuple[str, BaseException]]:
+    """Wait for every :meth:`DvcSync.commit_soon` asked so far; returns (stage, error) of those that failed."""
+    with _PENDING_LOCK:
+        pending = list(_pending)
+        _pending.clear()
+    failed = []
+    for stage, fut in pending:
+        err = fut.exception()
+        if err is not None:
+            failed.append((stage, err))
+    return failed

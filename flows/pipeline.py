@@ -6,7 +6,8 @@
 
 Independent branches run concurrently: detect beside training, the two training modes
 side by side on a GPU (on a CPU their training takes turns: :func:`flows.train.training_slot`).
-A stage that DVC reports up to date is skipped; after a stage runs, dvc.lock is updated.
+A stage that DVC reports up to date is skipped; after a stage runs, dvc.lock is updated
+(beside the next stages; the run ends once every entry is written).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
 from flows import stage_flow, subflows
-from flows.dvc_sync import DvcSync
+from flows.dvc_sync import DvcSync, wait_commits
 
 @task(name="stage", task_run_name="{stage}")
 def run_stage(stage: str, params_file: str, force: bool) -> dict[str, Any]:
-    """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it."""
+    """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it (in
+    the background: :meth:`flows.dvc_sync.DvcSync.commit_soon`)."""
     sync = DvcSync()
     if not force and not sync.stale(stage):  # forced stages run whatever DVC would say
         print(f"{stage}: up to date (dvc status), skipped")
@@ -36,7 +38,7 @@ def run_stage(stage: str, params_file: str, force: bool) -> dict[str, Any]:
     with subflows():
         result = fn(params_file=params_file, **kwargs)
     seconds = time.perf_counter() - t0
-    sync.commit(stage)
+    sync.commit_soon(stage)  # dvc.lock, while the next stages start (the pipeline waits for it at its end)
     return {"stage": stage, "status": "ran", "seconds": round(seconds, 1), "result": result}
 
 
@@ -123,6 +125,9 @@ def _run_pipeline(params_file: str, force: bool) -> list[dict]:
                     fut.result()
                 except BaseException as err:  # the stage's own exception
                     first_error = err
+    for stage, err in wait_commits():  # every stage's dvc.lock entry is written before the run ends
+        print(f"{stage} ran, but DVC could not record it in dvc.lock: {err}")
+        first_error = first_error or err
     total = time.perf_counter() - t0
     create_markdown_artifact(_summary_markdown(rows, total), key="pipeline-summary",
                              description="Stages, wall time and key results of this pipeline run")

@@ -319,3 +319,31 @@ def test_a_stage_dvc_lock_does_not_record_is_stale_without_asking_dvc(tmp_path, 
     (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: echo hi > out.txt\n    frozen: true\n"
                                    "    outs:\n      - out.txt\n")
     assert not sync._never_ran("make")
+
+
+def test_background_commits_run_in_order_and_the_run_waits_for_them(tmp_path, monkeypatch):
+    """A pipeline run commits each stage to dvc.lock beside the next stages (DvcSync.commit_soon), one
+    at a time in the order asked; wait_commits returns only once all are done, with those that failed."""
+    import threading
+
+    from flows import dvc_sync
+    from flows.dvc_sync import DvcLockBusy, DvcSync, wait_commits
+
+    done, release = [], threading.Event()
+
+    def commit(self, stage):
+        release.wait(30)  # the first commit is still running while later ones are asked for
+        if stage == "preprocess":
+            raise DvcLockBusy("the DVC repository is locked by another process")
+        done.append(stage)
+
+    monkeypatch.setattr(DvcSync, "commit", commit)
+    sync = DvcSync(tmp_path)
+    for stage in ("download", "preprocess", "detect"):
+        sync.commit_soon(stage)
+    assert done == []  # asked, not waited for: the stages after them go on
+    release.set()
+    failed = wait_commits()
+    assert done == ["download", "detect"]
+    assert [(s, type(e)) for s, e in failed] == [("preprocess", DvcLockBusy)]
+    assert wait_commits() == [] and dvc_sync._pending == []
