@@ -141,9 +141,9 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
     this order: the modules named in ``meanwhile`` are imported (what the flow needs to start);
     with ``params``, the MLflow store is opened (a new one is written first: the first stage
     needs it; an error there is left for the stage to report in context); then the modules in
-    ``later`` (the stages' flows, in the order the stages run) are imported by a background thread,
-    while the server starts and then beside the first stages (a stage that needs one of them
-    before it is loaded waits for it, as any import waits).
+    ``later`` (the stages' flows, in the order the stages run) are imported by a background thread
+    once the server answers, beside the first stages (a stage that needs one of them before it is
+    loaded waits for it, as any import waits).
     """
     import importlib
     import threading
@@ -166,11 +166,13 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
             importlib.import_module(name)
         if params is not None:
             _open_tracking(params, overrides or {})
-        pending = [m for m in later if m not in sys.modules]
-        if pending:  # not waited for: what is not loaded when the server answers loads beside the first stages
-            threading.Thread(target=_import_quietly, args=(pending,), name="cvpipe-imports", daemon=True).start()
     finally:
         thread.join()
+    # Not before: an import holds the interpreter for up to half a second at a time (torch's), which
+    # would keep the thread above from seeing the server answer.
+    pending = [m for m in later if m not in sys.modules]
+    if pending:
+        threading.Thread(target=_import_quietly, args=(pending,), name="cvpipe-imports", daemon=True).start()
     refresh_prefect()
     err = outcome.get("error")
     if isinstance(err, ServerError):
