@@ -139,8 +139,8 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
 
     A server's start (seconds, in another process) overlaps this process's own preparations, in
     this order: the modules named in ``meanwhile`` are imported (what the flow needs to start);
-    with ``params``, the MLflow store is opened (a new one is written first: the first stage
-    needs it; an error there is left for the stage to report in context); then the modules in
+    with ``params``, if the server is still starting, the MLflow store is opened (a new one is
+    written first; an error there is left for the stage to report in context); then the modules in
     ``later`` (the stages' flows, in the order the stages run) are imported by a background thread
     once the server answers, beside the first stages (a stage that needs one of them before it is
     loaded waits for it, as any import waits).
@@ -164,7 +164,7 @@ def connect_prefect(meanwhile: tuple[str, ...] = (), params: Path | None = None,
     try:
         for name in meanwhile:
             importlib.import_module(name)
-        if params is not None:
+        if params is not None and thread.is_alive():  # only while the server starts: else the stage opens it
             _open_tracking(params, overrides or {})
     finally:
         thread.join()

@@ -10,6 +10,7 @@ database records, and packs a template reproducibly.
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import os
 import shutil
 import sqlite3
@@ -18,6 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "data"
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of the distribution ``dist`` (package metadata, no import)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def revision(db: Path) -> str | None:

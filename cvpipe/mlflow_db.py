@@ -24,7 +24,6 @@ After changing MLflow's pin, rebuild the template (a test fails until it matches
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sqlite3
 import subprocess
@@ -39,10 +38,7 @@ SQLITE_PREFIX = "sqlite:///"
 
 
 def installed_version() -> str | None:
-    try:
-        return importlib.metadata.version("mlflow")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return db_template.installed_version("mlflow")
 
 
 def template_path(version: str) -> Path:

@@ -26,7 +26,6 @@ After changing Prefect's pin, rebuild the template (a test fails until it matche
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -54,10 +53,7 @@ def first_start_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def installed_version() -> str | None:
-    try:
-        return importlib.metadata.version("prefect")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return db_template.installed_version("prefect")
 
 
 def template_path(version: str) -> Path:

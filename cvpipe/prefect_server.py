@@ -4,7 +4,8 @@ Without ``PREFECT_API_URL`` every Prefect process starts a temporary API server 
 (database migrations, uvicorn) and stops it at exit: seconds to tens of seconds per command,
 and no UI to look at afterwards. Instead, the first command that runs a flow (or
 ``cvpipe server start``) starts Prefect's server app on ``127.0.0.1:N`` as ``prefect server start``
-runs it (:mod:`cvpipe.prefect_app`, which retries busy-database answers in the server), detached (a new session, output to ``<PREFECT_HOME>/cvpipe-server.log``), with its database in
+runs it (:mod:`cvpipe.prefect_app`, which retries busy-database answers in the server), detached
+(a new session, output to ``<PREFECT_HOME>/cvpipe-server.log``), with its database in
 the project's Prefect home, and records its URL and pid in ``<PREFECT_HOME>/cvpipe-server.json``.
 Later processes (CLI stages, ``cvpipe run``, ``dvc repro`` stages, ``cvpipe serve`` and the runs
 it starts) find it there and set ``PREFECT_API_URL`` to it.
