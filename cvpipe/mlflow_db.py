@@ -1,9 +1,9 @@
 """A new MLflow tracking database, copied from a migrated template instead of built by 50+ migrations.
 
 MLflow creates a new SQLite tracking store by running every Alembic migration it has. On the
-bench machine (2 cores) opening a new store took 1.42 to 1.49 s, an existing one 0.54 to 0.58 s
-(both in a fresh process, MLflow imported). Every fresh clone pays that on its first command, on
-the path before its first stage.
+bench machine (2 cores, load 0.45) opening a new store took 1.13 to 1.20 s, a copy of the template
+0.45 to 0.49 s (in a fresh process, MLflow imported; 3 rounds each, interleaved). Every fresh
+clone pays that on its first command, on the path before its first stage.
 
 The package ships the empty database MLflow writes for the pinned MLflow version
 (``cvpipe/data/mlflow-<version>.db.gz``), less MLflow's ``Default`` experiment: MLflow creates
