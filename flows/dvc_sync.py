@@ -4,7 +4,10 @@ Before a stage runs, DVC is asked whether it is up to date (the same check as
 `dvc status`); after it ran, its outputs are committed to dvc.lock (as
 `dvc commit` does), so `cvpipe run` followed by `dvc repro` is a no-op and the
 other way round. In a pipeline run the commits happen in the background, in
-order, while the next stages run; the run waits for them before it ends.
+order, beside the stages that do not read their outputs: DVC's commit replaces each
+cached output in the workspace by a link or copy of its cache entry, so a stage waits
+for its upstream stages' commits before it starts (:func:`wait_for_commits`). The run
+waits for every commit before it ends.
 """
 
 from __future__ import annotations
@@ -102,9 +105,9 @@ class DvcSync:
         self._guard(commit)
 
     def commit_soon(self, stage: str) -> None:
-        """:meth:`commit` in the background, in the order asked (one at a time); :func:`wait_commits`
-        waits for them. The stages downstream need not wait: their inputs are on disk, and DVC
-        judges a stage by its own dvc.lock entry against the files, not by its upstream's entry."""
+        """:meth:`commit` in the background, in the order asked (one at a time). A stage that reads
+        this one's outputs calls :func:`wait_for_commits` first (the commit removes and re-creates
+        them); the run's end calls :func:`wait_commits`. Other stages go on beside it."""
         global _committer
         with _PENDING_LOCK:
             if _committer is None:
@@ -115,6 +118,26 @@ class DvcSync:
 _committer: ThreadPoolExecutor | None = None
 _pending: list[tuple[str, Future]] = []
 _PENDING_LOCK = threading.Lock()
+
+
+class UpstreamNotRecorded(UserError, RuntimeError):
+    """DVC's commit of an upstream stage failed, so its outputs may be missing from the workspace."""
+
+
+def wait_for_commits(stages) -> None:
+    """Wait for the background commits asked for ``stages`` (not for the others').
+
+    Raises:
+        UpstreamNotRecorded: one of them failed (the error names the stage and DVC's message).
+    """
+    wanted = set(stages)
+    with _PENDING_LOCK:
+        pending = [(s, fut) for s, fut in _pending if s in wanted]
+    for stage, fut in pending:
+        err = fut.exception()
+        if err is not None:
+            raise UpstreamNotRecorded(f"DVC could not commit the upstream stage {stage} ({err}); "
+                                      "its outputs may be missing: run it again") from err
 
 
 def wait_commits() -> list[tuple[str, BaseException]]:

@@ -23,12 +23,22 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cvpipe.lock import ProjectLock
 from cvpipe.params import load_params
 from flows import stage_flow, subflows
-from flows.dvc_sync import DvcSync, wait_commits
+from flows.dvc_sync import DvcSync, wait_commits, wait_for_commits
+
+
+def upstream_stages(modes) -> dict[str, tuple[str, ...]]:
+    """Each stage of the DAG (upstream first) and the stages whose outputs it reads (dvc.yaml's edges)."""
+    trains = tuple(f"train@{mode}" for mode in modes)
+    return {"download": (), "preprocess": ("download",), **{t: ("preprocess", "download") for t in trains},
+            "detect": ("download",), "evaluate": (*trains, "preprocess")}
+
 
 @task(name="stage", task_run_name="{stage}")
-def run_stage(stage: str, params_file: str, force: bool) -> dict[str, Any]:
+def run_stage(stage: str, params_file: str, force: bool, upstream: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it (in
-    the background: :meth:`flows.dvc_sync.DvcSync.commit_soon`)."""
+    the background: :meth:`flows.dvc_sync.DvcSync.commit_soon`). It starts once the commits of the
+    ``upstream`` stages are done: a commit replaces the outputs this stage reads."""
+    wait_for_commits(upstream)
     sync = DvcSync()
     if not force and not sync.stale(stage):  # forced stages run whatever DVC would say
         print(f"{stage}: up to date (dvc status), skipped")
@@ -99,18 +109,11 @@ def pipeline_flow(params_file: str = "params.yaml", force: bool = False) -> list
 def _run_pipeline(params_file: str, force: bool) -> list[dict]:
     p = load_params(params_file)
     t0 = time.perf_counter()
-    order: list[tuple[str, Any]] = []
 
-    def submit(stage: str, wait_for=()):
-        fut = run_stage.submit(stage, params_file, force, wait_for=list(wait_for))
-        order.append((stage, fut))
-        return fut
-
-    dl = submit("download")
-    pre = submit("preprocess", [dl])
-    trains = [submit(f"train@{mode}", [pre]) for mode in p.train.modes]
-    submit("detect", [dl])
-    submit("evaluate", trains)
+    futures: dict[str, Any] = {}
+    for stage, after in upstream_stages(p.train.modes).items():  # in an order where upstream comes first
+        futures[stage] = run_stage.submit(stage, params_file, force, after, wait_for=[futures[s] for s in after])
+    order = list(futures.items())
 
     rows, first_error = [], None
     for stage, fut in order:

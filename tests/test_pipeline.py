@@ -28,6 +28,47 @@ def test_serve_creates_a_deployment_with_its_cron_schedule(prefect_server):
     assert sched.cron == "15 3 * * 1-5" and sched.timezone == "Europe/Paris"
 
 
+@pytest.mark.slow  # Prefect's test server
+def test_no_stage_starts_before_the_commits_of_the_stages_it_reads(prefect_server, tmp_path, monkeypatch):
+    """The pipeline flow commits each stage to dvc.lock in the background; DVC's commit replaces the
+    stage's outputs in the workspace, so each stage starts only after its upstream stages' commits
+    (flows.pipeline.upstream_stages), while the others go on beside them."""
+    import threading
+    import time
+
+    from flows import pipeline
+    from flows.dvc_sync import DvcSync
+    from tests.helpers import write_params
+
+    params = write_params(tmp_path, {"train.modes": ["feature_extractor", "fine_tune"]})
+    monkeypatch.chdir(tmp_path)
+    lock = threading.Lock()
+    committed: list[str] = []
+    seen: dict[str, set[str]] = {}
+
+    def commit(self, stage):
+        time.sleep(0.3)  # a commit slower than the stages that follow it
+        with lock:
+            committed.append(stage)
+
+    def stage_flow(stage):
+        def body(params_file, **kwargs):
+            with lock:
+                seen[stage] = set(committed)
+            return {"stage": stage}
+        return body, {}
+
+    monkeypatch.setattr(DvcSync, "commit", commit)
+    monkeypatch.setattr(DvcSync, "stale", lambda self, stage: {stage: ["changed"]})
+    monkeypatch.setattr(pipeline, "stage_flow", stage_flow)
+    rows = pipeline.pipeline_flow(params_file=str(params))
+    ups = pipeline.upstream_stages(["feature_extractor", "fine_tune"])
+    assert [r["stage"] for r in rows] == list(ups) and {r["status"] for r in rows} == {"ran"}
+    for stage, after in ups.items():
+        assert set(after) <= seen[stage], (stage, seen[stage])
+    assert sorted(committed) == sorted(ups)  # and every commit done before the flow returned
+
+
 def test_bad_cron_is_rejected():
     from flows.pipeline import pipeline_deployment
 

@@ -347,3 +347,67 @@ def test_background_commits_run_in_order_and_the_run_waits_for_them(tmp_path, mo
     assert done == ["download", "detect"]
     assert [(s, type(e)) for s, e in failed] == [("preprocess", DvcLockBusy)]
     assert wait_commits() == [] and dvc_sync._pending == []
+
+
+def test_a_stage_waits_for_its_upstream_commits_and_only_those(tmp_path, monkeypatch):
+    """DVC's commit replaces each cached output in the workspace (relink): a stage that reads them
+    starts only once that commit is done; a failed one stops it with the upstream stage named."""
+    import threading
+
+    from flows.dvc_sync import (
+        DvcSync,
+        UpstreamNotRecorded,
+        wait_commits,
+        wait_for_commits,
+    )
+
+    release = threading.Event()
+
+    def commit(self, stage):
+        if stage == "train@a":
+            release.wait(30)
+        if stage == "preprocess":
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(DvcSync, "commit", commit)
+    sync = DvcSync(tmp_path)
+    sync.commit_soon("preprocess")
+    with pytest.raises(UpstreamNotRecorded, match=r"upstream stage preprocess \(No space left on device\)"):
+        wait_for_commits(("download", "preprocess"))
+    sync.commit_soon("train@a")
+    wait_for_commits(("download", "detect"))  # not asked for: returns at once, train@a still committing
+    waiter = threading.Thread(target=wait_for_commits, args=(("train@a",),))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # blocked on train@a's commit, which cannot finish before release
+    release.set()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert [s for s, _ in wait_commits()] == ["preprocess"]  # the run's end still reports the failure
+
+
+@pytest.mark.parametrize("modes", [None, ["fine_tune", "feature_extractor", "extra"]])
+def test_the_pipeline_waits_along_dvc_yaml_edges(tmp_path, monkeypatch, modes):
+    """flows.pipeline.upstream_stages is the DAG DVC builds from dvc.yaml: every stage's upstream."""
+    import yaml
+    from dvc.repo import Repo
+
+    from flows.pipeline import upstream_stages
+
+    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    if modes:
+        params["train"]["modes"] = modes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True,
+                   capture_output=True, env=ENV)
+    monkeypatch.chdir(tmp_path)  # DVC names stages relative to the working directory
+    with Repo(str(tmp_path)) as repo:
+        graph = repo.index.graph
+        dvc_edges = {(a.addressing, b.addressing) for a, b in graph.edges}
+        dvc_stages = {s.addressing for s in graph.nodes}
+    ours = upstream_stages(params["train"]["modes"])
+    assert set(ours) == dvc_stages
+    assert {(s, u) for s, ups in ours.items() for u in ups} == dvc_edges
+    order = list(ours)
+    assert all(order.index(u) < order.index(s) for s, ups in ours.items() for u in ups)  # submitted after
