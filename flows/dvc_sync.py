@@ -4,10 +4,10 @@ Before a stage runs, DVC is asked whether it is up to date (the same check as
 `dvc status`); after it ran, its outputs are committed to dvc.lock (as
 `dvc commit` does), so `cvpipe run` followed by `dvc repro` is a no-op and the
 other way round. In a pipeline run the commits happen in the background, in
-order, beside the stages that do not read their outputs: DVC's commit replaces each
-cached output in the workspace by a link or copy of its cache entry, so a stage waits
-for its upstream stages' commits before it starts (:func:`wait_for_commits`). The run
-waits for every commit before it ends.
+order, beside the next stages. Where the user configured DVC's cache links, a commit
+replaces each cached output in the workspace by a link to its cache entry, so a stage
+waits for its upstream stages' commits before it starts (:func:`wait_for_commits`).
+The run waits for every commit before it ends.
 """
 
 from __future__ import annotations
@@ -88,14 +88,34 @@ class DvcSync:
             return False
         return stage not in (locked.get("stages") or {})
 
-    def commit(self, stage: str) -> None:
-        """Record the stage's current deps, params and outs in dvc.lock and the DVC cache."""
+    def relinks(self) -> bool:
+        """Whether a commit re-creates the workspace outputs from the cache, as `dvc commit` does.
+
+        Not with DVC's default cache types (reflink, else copy) or an explicit ``cache.type copy``:
+        there the relink writes each output again as a copy of the same bytes (or a reflink, on
+        the few filesystems that have them), so the commit is `dvc commit --no-relink` and leaves
+        the files as the stage wrote them. With any other configured ``cache.type`` (hardlink,
+        symlink, reflink) the outputs are relinked, as DVC does. True when the config is unreadable.
+        """
+        if not self.enabled:
+            return False
+        from dvc.config import Config, ConfigError
+
+        try:
+            types = Config(dvc_dir=str(self.root / ".dvc"))["cache"].get("type")
+        except (ConfigError, OSError):
+            return True
+        return bool(types) and set(types) != {"copy"}
+
+    def commit(self, stage: str, relink: bool = True) -> None:
+        """Record the stage's current deps, params and outs in dvc.lock and the DVC cache; with
+        ``relink``, replace the cached outputs in the workspace by their cache entries' links."""
         if not self.enabled:
             return
 
         def commit():
             with self._repo() as repo:
-                stages = repo.commit(stage, force=True)
+                stages = repo.commit(stage, force=True, relink=relink)
                 # As `dvc repro` does: cached outputs are listed in .gitignore.
                 with repo.scm_context(quiet=True):
                     for st in stages:
@@ -105,18 +125,19 @@ class DvcSync:
         self._guard(commit)
 
     def commit_soon(self, stage: str) -> None:
-        """:meth:`commit` in the background, in the order asked (one at a time). A stage that reads
-        this one's outputs calls :func:`wait_for_commits` first (the commit removes and re-creates
-        them); the run's end calls :func:`wait_commits`. Other stages go on beside it."""
+        """:meth:`commit` in the background, in the order asked (one at a time); the run's end calls
+        :func:`wait_commits`. A stage that reads this one's outputs calls :func:`wait_for_commits`
+        first, which waits for the commit only when it relinks the outputs (:meth:`relinks`)."""
         global _committer
+        relink = self.relinks()
         with _PENDING_LOCK:
             if _committer is None:
                 _committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvpipe-dvc-commit")
-            _pending.append((stage, _committer.submit(self.commit, stage)))
+            _pending.append((stage, _committer.submit(self.commit, stage, relink), relink))
 
 
 _committer: ThreadPoolExecutor | None = None
-_pending: list[tuple[str, Future]] = []
+_pending: list[tuple[str, Future, bool]] = []  # stage, commit, relinks
 _PENDING_LOCK = threading.Lock()
 
 
@@ -125,14 +146,14 @@ class UpstreamNotRecorded(UserError, RuntimeError):
 
 
 def wait_for_commits(stages) -> None:
-    """Wait for the background commits asked for ``stages`` (not for the others').
+    """Wait for the background commits asked for ``stages`` that relink their outputs (not for others).
 
     Raises:
         UpstreamNotRecorded: one of them failed (the error names the stage and DVC's message).
     """
     wanted = set(stages)
     with _PENDING_LOCK:
-        pending = [(s, fut) for s, fut in _pending if s in wanted]
+        pending = [(s, fut) for s, fut, relink in _pending if relink and s in wanted]
     for stage, fut in pending:
         err = fut.exception()
         if err is not None:
@@ -146,7 +167,7 @@ def wait_commits() -> list[tuple[str, BaseException]]:
         pending = list(_pending)
         _pending.clear()
     failed = []
-    for stage, fut in pending:
+    for stage, fut, _ in pending:
         err = fut.exception()
         if err is not None:
             failed.append((stage, err))

@@ -36,8 +36,8 @@ def upstream_stages(modes) -> dict[str, tuple[str, ...]]:
 @task(name="stage", task_run_name="{stage}")
 def run_stage(stage: str, params_file: str, force: bool, upstream: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one DVC stage through its Prefect flow unless DVC says it is up to date; then commit it (in
-    the background: :meth:`flows.dvc_sync.DvcSync.commit_soon`). It starts once the commits of the
-    ``upstream`` stages are done: a commit replaces the outputs this stage reads."""
+    the background: :meth:`flows.dvc_sync.DvcSync.commit_soon`). Where those commits relink the
+    outputs in the workspace, it starts once the ``upstream`` stages' commits are done."""
     wait_for_commits(upstream)
     sync = DvcSync()
     if not force and not sync.stale(stage):  # forced stages run whatever DVC would say

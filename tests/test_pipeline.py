@@ -46,7 +46,7 @@ def test_no_stage_starts_before_the_commits_of_the_stages_it_reads(prefect_serve
     committed: list[str] = []
     seen: dict[str, set[str]] = {}
 
-    def commit(self, stage):
+    def commit(self, stage, relink=True):
         time.sleep(0.3)  # a commit slower than the stages that follow it
         with lock:
             committed.append(stage)
@@ -59,6 +59,7 @@ def test_no_stage_starts_before_the_commits_of_the_stages_it_reads(prefect_serve
         return body, {}
 
     monkeypatch.setattr(DvcSync, "commit", commit)
+    monkeypatch.setattr(DvcSync, "relinks", lambda self: True)  # a user's cache.type hardlink, say
     monkeypatch.setattr(DvcSync, "stale", lambda self, stage: {stage: ["changed"]})
     monkeypatch.setattr(pipeline, "stage_flow", stage_flow)
     rows = pipeline.pipeline_flow(params_file=str(params))
@@ -67,6 +68,45 @@ def test_no_stage_starts_before_the_commits_of_the_stages_it_reads(prefect_serve
     for stage, after in ups.items():
         assert set(after) <= seen[stage], (stage, seen[stage])
     assert sorted(committed) == sorted(ups)  # and every commit done before the flow returned
+
+
+@pytest.mark.slow  # Prefect's test server
+def test_without_relinking_no_stage_waits_for_a_commit(prefect_server, tmp_path, monkeypatch):
+    """With DVC's default cache (no relink, the workspace files are left alone) evaluate starts while
+    the training stages' commits are still running."""
+    import threading
+
+    from flows import pipeline
+    from flows.dvc_sync import DvcSync
+    from tests.helpers import write_params
+
+    params = write_params(tmp_path, {"train.modes": ["feature_extractor", "fine_tune"]})
+    monkeypatch.chdir(tmp_path)
+    evaluate_started = threading.Event()
+    committed: list[str] = []
+    seen: dict[str, list[str]] = {}
+
+    def commit(self, stage, relink=True):
+        assert relink is False
+        if stage.startswith("train@"):
+            evaluate_started.wait(60)  # cannot return before evaluate runs: no one may wait for it
+        committed.append(stage)
+
+    def stage_flow(stage):
+        def body(params_file, **kwargs):
+            seen[stage] = list(committed)
+            if stage == "evaluate":
+                evaluate_started.set()
+            return {"stage": stage}
+        return body, {}
+
+    monkeypatch.setattr(DvcSync, "commit", commit)
+    monkeypatch.setattr(DvcSync, "relinks", lambda self: False)
+    monkeypatch.setattr(DvcSync, "stale", lambda self, stage: {stage: ["changed"]})
+    monkeypatch.setattr(pipeline, "stage_flow", stage_flow)
+    pipeline.pipeline_flow(params_file=str(params))
+    assert not any(s.startswith("train@") for s in seen["evaluate"])
+    assert sorted(committed) == sorted(pipeline.upstream_stages(["feature_extractor", "fine_tune"]))
 
 
 def test_bad_cron_is_rejected():

@@ -331,7 +331,7 @@ def test_background_commits_run_in_order_and_the_run_waits_for_them(tmp_path, mo
 
     done, release = [], threading.Event()
 
-    def commit(self, stage):
+    def commit(self, stage, relink=True):
         release.wait(30)  # the first commit is still running while later ones are asked for
         if stage == "preprocess":
             raise DvcLockBusy("the DVC repository is locked by another process")
@@ -361,16 +361,23 @@ def test_a_stage_waits_for_its_upstream_commits_and_only_those(tmp_path, monkeyp
         wait_for_commits,
     )
 
-    release = threading.Event()
+    release, release_b = threading.Event(), threading.Event()
 
-    def commit(self, stage):
+    def commit(self, stage, relink=True):
         if stage == "train@a":
             release.wait(30)
+        if stage == "train@b":
+            release_b.wait(30)
         if stage == "preprocess":
             raise OSError("No space left on device")
 
     monkeypatch.setattr(DvcSync, "commit", commit)
     sync = DvcSync(tmp_path)
+    monkeypatch.setattr(DvcSync, "relinks", lambda self: False)
+    sync.commit_soon("train@b")  # leaves the workspace alone: nobody waits for it
+    wait_for_commits(("train@b",))  # returns although that commit cannot finish yet
+    release_b.set()
+    monkeypatch.setattr(DvcSync, "relinks", lambda self: True)
     sync.commit_soon("preprocess")
     with pytest.raises(UpstreamNotRecorded, match=r"upstream stage preprocess \(No space left on device\)"):
         wait_for_commits(("download", "preprocess"))
@@ -384,6 +391,39 @@ def test_a_stage_waits_for_its_upstream_commits_and_only_those(tmp_path, monkeyp
     waiter.join(30)
     assert not waiter.is_alive()
     assert [s for s, _ in wait_commits()] == ["preprocess"]  # the run's end still reports the failure
+
+
+@pytest.mark.parametrize("cache_type", [None, "copy", "reflink,copy", "hardlink,symlink", "symlink"])
+def test_commits_relink_only_where_the_user_configured_cache_links(tmp_path, cache_type):
+    """With DVC's default cache types (or plain copies) a commit leaves the stage's file as it is
+    (`dvc commit --no-relink`: relinking would copy the same bytes again); with configured links,
+    the output becomes a link to the cache as DVC makes it. Either way `dvc status` is clean."""
+    from flows.dvc_sync import DvcSync
+
+    root = tmp_path / "proj"
+    _git_dvc_project(root)
+    if cache_type:
+        subprocess.run([sys.executable, "-m", "dvc", "config", "cache.type", cache_type], cwd=root, check=True,
+                       capture_output=True, env=ENV)
+    relinks = cache_type not in (None, "copy")
+    assert DvcSync(root).relinks() is relinks
+    before = (root / "out.txt").stat().st_mtime_ns
+    # in its own process: DVC's logger keeps the stream of the first test that used it, closed by now
+    subprocess.run([sys.executable, "-c", "from flows.dvc_sync import DvcSync; s = DvcSync('.'); "
+                    "s.commit('make', relink=s.relinks())"], cwd=root, check=True, capture_output=True, env=ENV)
+    out = root / "out.txt"
+    if not relinks:  # the file the stage wrote, untouched
+        assert out.stat().st_mtime_ns == before and out.stat().st_nlink == 1 and not out.is_symlink()
+    elif cache_type == "symlink":
+        assert out.is_symlink() and ".dvc/cache" in str(out.resolve())
+    elif cache_type.startswith("hardlink"):
+        assert out.stat().st_nlink == 2  # the file and its cache entry: one inode
+    else:  # re-created from the cache (a reflink where the filesystem has them, else a copy)
+        assert out.stat().st_mtime_ns != before
+    assert out.read_text() == "hi\n"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "make"], cwd=root, capture_output=True,
+                            text=True, env=ENV, check=True).stdout
+    assert "up to date" in status.lower() or status.strip() == "", status
 
 
 @pytest.mark.parametrize("modes", [None, ["fine_tune", "feature_extractor", "extra"]])
