@@ -119,11 +119,18 @@ def stage_flow(stage: str):
 
 
 def run_flow(flow_fn, params: Path, **kwargs) -> Any:
-    """Call a flow; errors with a clear remedy are printed as one message, not a traceback."""
+    """Call a flow; errors with a clear remedy are printed as one message, not a traceback.
+
+    The flow run sends Prefect heartbeats only when the user configured them
+    (:func:`flows.without_heartbeat`): otherwise nothing reads them, and the run would end up to a
+    second late. Scheduled runs (`cvpipe serve`) run in Prefect's processes, with Prefect's settings.
+    """
     from cvpipe.errors import user_facing
+    from flows import without_heartbeat
 
     try:
-        return flow_fn(params_file=str(params), **kwargs)
+        with without_heartbeat():
+            return flow_fn(params_file=str(params), **kwargs)
     except Exception as err:
         msg = user_facing(err)
         if msg is None:

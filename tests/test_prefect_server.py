@@ -285,3 +285,35 @@ def test_the_summary_shows_each_stages_headline_figures():
     assert "| evaluate | ran | 14.3 | test_acc[feature_extractor]=0.9638, test_acc[fine_tune]=0.9917 |" in md
     assert "| detect | ran | 7.1 | images=8, detections=12, failures=1, images_per_s=3.25 |" in md
     assert "Total wall time: 150.0 s" in md
+
+
+@pytest.mark.slow  # Prefect's test server
+def test_cli_flow_runs_send_heartbeats_only_when_the_user_configured_them(prefect_server, tmp_path, monkeypatch):
+    """A `cvpipe` command's flow run (cli_support.run_flow) starts no heartbeat thread, whose join would
+    end it up to a second late, unless the user set a heartbeat frequency (environment or profile)."""
+    from prefect import flow
+    from prefect.flow_engine import FlowRunEngine
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from cvpipe.cli_support import run_flow
+
+    beats: list[str] = []
+    monkeypatch.setattr(FlowRunEngine, "_emit_flow_run_heartbeat",
+                        lambda self, *a, **k: beats.append(self.flow_run.name))
+
+    @flow(name="heartbeat-probe", flow_run_name="probe-{params_file}")
+    def probe(params_file: str) -> str:
+        return params_file
+
+    for var in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+        monkeypatch.delenv(var, raising=False)
+    assert run_flow(probe, Path("plain")) == "plain"
+    assert beats == []
+    probe(params_file="direct")  # called as Prefect would: Prefect's default heartbeat is on
+    assert beats == ["probe-direct"]
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    run_flow(probe, Path("env"))
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):  # as a Prefect profile sets it
+        run_flow(probe, Path("profile"))
+    assert beats == ["probe-direct", "probe-env", "probe-profile"]
