@@ -77,10 +77,13 @@ class DvcSync:
         """dvc.lock has no entry for ``stage`` and dvc.yaml does not freeze it (False when unsure)."""
         import yaml
 
+        # libyaml's safe loader where PyYAML has it: this runs beside other threads of the pipeline,
+        # and a pure-Python parse there waits for the interpreter many times over
         try:
             lock = self.root / "dvc.lock"
-            locked = yaml.safe_load(lock.read_text()) if lock.is_file() else {}
-            spec = yaml.safe_load((self.root / "dvc.yaml").read_text())
+            locked = (yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+                      if lock.is_file() else {})
+            spec = yaml.load((self.root / "dvc.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             entry = spec["stages"][stage.partition("@")[0]]
         except (OSError, yaml.YAMLError, KeyError, TypeError):
             return False
