@@ -15,7 +15,7 @@ and ``/api/admin/settings`` names this Prefect home (so a port now answered by a
 another project's server is never taken for ours). Otherwise it is replaced, with one line saying
 why. Every wait has a timeout. A user who sets ``PREFECT_API_URL`` keeps full control: nothing is
 started or stopped. ``CVPIPE_PREFECT_SERVER=temporary`` restores Prefect's temporary server per
-process (what the tests that run the CLI use).
+process (what the tests that run the CLI use), on a port the system chose (:func:`pin_temporary_port`).
 
 Why one module: the server's life cycle is one protocol over one state file and one lock: probe
 the recorded server, decide whether it is ours and alive, start it under the lock or replace it,
@@ -430,6 +430,29 @@ def stop(home: Path | None = None) -> ServerState | None:
         return state if running else None
 
 
+def pin_temporary_port() -> int:
+    """Give Prefect's temporary server of this process a port the system chose; returns it.
+
+    Left to itself, Prefect's temporary server draws a port from 8000-8999 at random, checks that
+    it is free and starts uvicorn there, then takes whatever answers ``/api/health`` on that port
+    for its own. Two commands that start at once can draw the same port (1 in 1,000): the second
+    server cannot bind it, and the second command records its runs in the first one's server (in
+    the first project's database), then fails when that command ends and stops it. Instead the
+    system picks the port (bind to port 0): one that is free at that moment, drawn from its
+    ephemeral range (about 28,000 ports, outside Prefect's). Prefect's own test harness does the
+    same: a server registered under the default key is the one every client of this process
+    starts and uses.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    current = SubprocessASGIServer._instances.get(None)
+    if current is not None and (current.running or current.port is not None):
+        return current.port
+    server = SubprocessASGIServer(port=_free_port())
+    SubprocessASGIServer._instances[None] = server
+    return server.port
+
+
 def mode() -> str:
     """``persistent`` or ``temporary`` (:data:`MODE_VAR`)."""
     value = os.environ.get(MODE_VAR, "persistent").strip().lower() or "persistent"
@@ -459,6 +482,7 @@ def connect(say: Callable[[str], None] = print, refresh: bool = True) -> str | N
     if user_api_url():
         return user_api_url()
     if mode() == "temporary":
+        pin_temporary_port()
         return None
     state = start(say=say)
     os.environ["PREFECT_API_URL"] = state.url

@@ -317,3 +317,65 @@ def test_cli_flow_runs_send_heartbeats_only_when_the_user_configured_them(prefec
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):  # as a Prefect profile sets it
         run_flow(probe, Path("profile"))
     assert beats == ["probe-direct", "probe-env", "probe-profile"]
+
+
+_COLLISION = r"""
+import http.server, json, os, random, sys, threading
+
+# Another command's temporary server on port F: it answers /api/health (as Prefect's does) and logs
+# every request it gets.
+seen = []
+class Foreign(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+        seen.append(self.path)
+        ok = self.path.endswith("/health")
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"true" if ok else b"{}")
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
+    def log_message(self, *a):
+        pass
+foreign = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Foreign)
+threading.Thread(target=foreign.serve_forever, daemon=True).start()
+F = foreign.server_address[1]
+
+# The collision: Prefect's draw gives F, found free a moment before the other server bound it.
+from prefect.server.api.server import SubprocessASGIServer
+random.choice = lambda seq: F
+SubprocessASGIServer.is_port_available = staticmethod(lambda port: True)
+
+from cvpipe.prefect_server import connect
+assert connect(say=print) is None  # CVPIPE_PREFECT_SERVER=temporary
+
+from prefect import flow
+
+@flow(name="probe")
+def probe():
+    return 7
+
+try:
+    outcome = probe()
+except Exception as err:
+    outcome = f"{type(err).__name__}: {err}"[:300]
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    names = [r.name for r in c.read_flow_runs()]
+print(json.dumps({"outcome": outcome, "foreign_port": F, "port": SubprocessASGIServer().port,
+                  "foreign_requests": seen, "runs": names}))
+"""
+
+
+@pytest.mark.slow
+def test_a_temporary_server_never_takes_another_commands_server_for_its_own(tmp_path):
+    """CVPIPE_PREFECT_SERVER=temporary: when Prefect's draw of a port meets another command's server
+    (two commands started at once), this command still starts, uses and records into its own."""
+    env = {**ENV, "CVPIPE_PREFECT_SERVER": "temporary", "PREFECT_HOME": str(tmp_path / ".prefect")}
+    r = subprocess.run([sys.executable, "-c", _COLLISION], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["outcome"] == 7, got
+    assert got["foreign_requests"] == [], got  # the other command's server never heard of this one
+    assert got["port"] != got["foreign_port"] and not 8000 <= got["port"] < 9000, got
+    assert len(got["runs"]) == 1, got  # its run is in its own server's database
