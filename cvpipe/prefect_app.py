@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Importing Prefect's server and building its app leaves about 300,000 objects the collector
     # tracks, nearly all kept: its 700 passes meanwhile freed about 6,800. Without them the server
-    # answered in 3.5 to 4.0 s instead of 4.3 to 5.1 s (a new database, 2 cores, 4 starts each,
+    # answered in 4.2 to 4.6 s instead of 4.7 to 5.2 s (a new database, 2 cores, 4 starts each,
     # alternated). Frozen afterwards, they are left out of the long-running server's later passes.
     gc.disable()
     import uvicorn

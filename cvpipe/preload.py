@@ -392,8 +392,8 @@ def _warm() -> None:
 
     The garbage collector is paused meanwhile (what CPython's documentation of ``gc.freeze``
     advises for a process that forks): instead of hundreds of passes over a heap growing to 1.2
-    million tracked objects, one collection at the end (0.75 s) leaves 790,000. The imports took
-    5.8 to 6.1 s instead of 7.1 to 7.5 s (2 runs each, alternated).
+    million tracked objects, one collection at the end (0.7 s) leaves 790,000. The imports took
+    5.9 to 7.0 s instead of 7.7 to 7.9 s, collection included (3 runs each, alternated).
     """
     import gc
     import importlib
