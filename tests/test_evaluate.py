@@ -140,6 +140,56 @@ def check_tracking(p, modes: dict[str, int], metrics: dict[str, dict]) -> None:
         assert out["probabilities"].sum(1) == pytest.approx(np.ones(5), abs=1e-5)
 
 
+@pytest.mark.slow  # two train flows under Prefect, side by side as the pipeline runs them
+def test_a_modes_latency_is_timed_before_the_other_mode_trains(tmp_path, prefect_server):
+    """On a CPU the modes take turns at training (flows.train.training_slot); a mode's inference
+    latency is timed (task ``model-costs``) before the other mode may start, not beside its training."""
+    import asyncio
+    import threading
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.train import train_flow
+
+    tiny_project(tmp_path, {"train.epochs": 2, "train.fine_tune_epochs": 1})
+    params_file = str(tmp_path / "params.yaml")
+    results, errors = {}, []
+
+    def train(mode):
+        try:
+            results[mode] = train_flow(params_file, mode=mode)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    started = datetime.now(timezone.utc)  # the session's server holds other tests' runs too
+    threads = [threading.Thread(target=train, args=(m,)) for m in ("fine_tune", "feature_extractor")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and set(results) == {"fine_tune", "feature_extractor"}, errors
+
+    async def task_runs():
+        async with get_client() as client:
+            runs = [r for r in await client.read_flow_runs()
+                    if r.name.startswith("train-") and r.start_time and r.start_time >= started]
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
+            return {r.id: r.name for r in runs}, tasks
+
+    names, tasks = asyncio.run(task_runs())
+    spans: dict[str, dict[str, tuple]] = {}
+    for t in tasks:
+        kind = t.name.rsplit("-", 1)[0]  # "train-3f2" -> train, "model-costs-0a1" -> model-costs
+        if names.get(t.flow_run_id) in ("train-fine_tune", "train-feature_extractor") and kind in ("train", "model-costs"):
+            spans.setdefault(names[t.flow_run_id], {})[kind] = (t.start_time, t.end_time)
+    assert set(spans) == {"train-fine_tune", "train-feature_extractor"}, spans
+    first, second = sorted(spans.values(), key=lambda s: s["train"][0])
+    assert first["train"][1] <= first["model-costs"][0] <= first["model-costs"][1] <= second["train"][0], spans
+
+
 @pytest.mark.slow  # the train and evaluate flows under Prefect
 def test_flows_log_one_run_per_mode_and_evaluate_into_it(tmp_path, prefect_server, caplog):
     from flows.evaluate import evaluate_flow
